@@ -1,0 +1,39 @@
+# Self-installing entry points. `make test` and `make demo` create .venv on first use; re-runs reuse it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+EXTRAS ?= curation,slurm,dev
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench lint clean-venv
+
+# torch first, from the pinned wheels (ENVIRONMENT.md); a stamp keeps re-runs from reinstalling.
+$(VENV)/.torch-stamp:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip >/dev/null 2>&1 || true
+	$(PIP) install -q $(TORCH_PINS)
+	touch $@
+
+# the project, editable, with its extras; redone only when pyproject.toml changes.
+$(VENV)/.project-stamp: $(VENV)/.torch-stamp pyproject.toml
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.project-stamp
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m dinov2.train.cli --config configs/train/demo.yaml
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

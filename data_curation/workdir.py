@@ -1,0 +1,165 @@
+"""The curation work directory: stage folders, DONE markers, and which selection feeds a stage.
+
+Layout (every stage owns one folder; all row indices are global rows of the embeddings)::
+
+    <workdir>/embeddings/      the embedding format (see data_curation.embeddings)
+    <workdir>/dedup/           kept.npy, labels.npy, pairs.npy, components.json, skipped.txt, DONE
+    <workdir>/decontaminate/   kept.npy, flagged.npy, report.json, DONE
+    <workdir>/retrieve/        selected.npy, report.json, (pool k-means files), DONE
+    <workdir>/cluster/         pool.npy, level{l}_centroids.npy, level{l}_assign.npy, ..., DONE
+    <workdir>/sample/          selected.npy, report.json, DONE
+    <workdir>/manifest/        manifest.csv, DONE
+
+Idempotency: a stage's ``DONE`` file holds a fingerprint of its configuration and of its inputs'
+fingerprints. A re-run whose fingerprint matches returns the stored summary without recomputing;
+a changed config or a recomputed input changes the fingerprint, so the stage (and, through the
+chain of fingerprints, every later stage) recomputes. ``force=True`` always recomputes. ``DONE``
+is removed before a stage starts and written last, so an interrupted stage is simply re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from data_curation.atomic import write_json
+
+log = logging.getLogger(__name__)
+
+#: The file holding each stage's selected global row indices (sorted int64).
+SELECTION_FILES = MappingProxyType(
+    {
+        "dedup": "dedup/kept.npy",
+        "decontaminate": "decontaminate/kept.npy",
+        "retrieve": "retrieve/selected.npy",
+        "sample": "sample/selected.npy",
+    }
+)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able values (dataclasses are converted to dicts)."""
+
+    def default(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return dataclasses.asdict(obj)
+        if isinstance(obj, Path):
+            return str(obj)
+        raise TypeError(f"cannot fingerprint {type(obj).__name__}")
+
+    blob = json.dumps(parts, sort_keys=True, default=default).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A short hash of a file's bytes (for inputs such as score files and selections)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def resolve_path(workdir: str | Path, path: str | Path) -> Path:
+    """``path`` as given when absolute, else relative to the work dir."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else Path(workdir) / path
+
+
+def stage_dir(workdir: str | Path, name: str) -> Path:
+    """The folder of stage ``name`` (created)."""
+    path = Path(workdir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_done(workdir: str | Path, name: str) -> dict[str, Any] | None:
+    """The DONE record of a stage (fingerprint, summary, ...), or None if it has not finished."""
+    done = Path(workdir) / name / "DONE"
+    if not done.is_file():
+        return None
+    return json.loads(done.read_text())
+
+
+def run_stage(
+    workdir: str | Path,
+    name: str,
+    fp: str,
+    compute: Callable[[Path], dict[str, Any]],
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run ``compute(stage_folder) -> summary`` unless the stage is done with fingerprint ``fp``.
+
+    Returns the summary (the stored one when skipped). The summary must be JSON-able.
+    """
+    done = read_done(workdir, name)
+    if done is not None and done.get("fingerprint") == fp and not force:
+        log.info("%s: already done (fingerprint %s), skipping; use --force to recompute", name, fp)
+        return done["summary"]
+    if done is not None and not force:
+        log.info("%s: configuration or inputs changed, recomputing", name)
+    folder = stage_dir(workdir, name)
+    (folder / "DONE").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    summary = compute(folder)
+    seconds = round(time.perf_counter() - t0, 3)
+    write_json(folder / "DONE", {"fingerprint": fp, "seconds": seconds, "summary": summary})
+    log.info("%s: done in %.1f s", name, seconds)
+    return summary
+
+
+class Selection(NamedTuple):
+    """A set of global row indices and where it came from."""
+
+    indices: np.ndarray  # sorted int64 global rows
+    name: str  # "all", a stage name, or a file path
+    fingerprint: str  # changes when the selection may have changed
+
+
+def resolve_selection(
+    workdir: str | Path,
+    source: str,
+    auto_order: Sequence[str],
+    valid: np.ndarray,
+    embeddings_fp: str,
+) -> Selection:
+    """The rows a stage works on.
+
+    ``source`` is ``"auto"`` (the first finished stage of ``auto_order``, else all rows), ``"all"``
+    (every valid row; ``valid`` is the mask from :func:`data_curation.embeddings.valid_rows`),
+    a stage name, or a path to a ``.npy`` of global row indices.
+    """
+    if source == "auto":
+        for stage in auto_order:
+            if read_done(workdir, stage) is not None:
+                source = stage
+                break
+        else:
+            source = "all"
+        log.info("input selection: %s", source)
+    if source == "all":
+        return Selection(np.flatnonzero(valid).astype(np.int64), "all", embeddings_fp)
+    if source in SELECTION_FILES:
+        done = read_done(workdir, source)
+        if done is None:
+            raise FileNotFoundError(f"stage '{source}' has not finished in {workdir}; run it first")
+        indices = np.load(Path(workdir) / SELECTION_FILES[source])
+        return Selection(indices.astype(np.int64), source, done["fingerprint"])
+    path = Path(source)
+    if path.suffix == ".npy" and path.is_file():
+        indices = np.load(path).astype(np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(valid)):
+            raise ValueError(f"{path}: row indices outside [0, {len(valid)})")
+        return Selection(np.unique(indices), str(path), file_fingerprint(path))
+    raise ValueError(
+        f"unknown selection '{source}': use auto, all, one of {sorted(SELECTION_FILES)}, or a .npy path"
+    )

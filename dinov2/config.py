@@ -1,0 +1,292 @@
+"""Typed configuration: dataclass schema + YAML presets + dotlist overrides.
+
+Every key a user can set is a field below. Loading merges, in order, the schema defaults, the YAML
+file(s) and the command-line ``key=value`` overrides; an unknown key anywhere is an error that names
+it and the closest valid key. YAML is read through OmegaConf only (no arbitrary object construction).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a one-line actionable message."""
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
+    patch_size: int = 14
+    img_size: int = 224  # size the position embedding is learned at; other sizes interpolate
+    in_chans: int = 3
+    embed_dim: int | None = None  # None: the arch's default (for custom tiny models)
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    ffn_layer: str | None = None  # mlp | swiglu; None: the arch's default
+    num_register_tokens: int = 0
+    layerscale_init: float | None = 1.0e-5  # None disables LayerScale
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    drop_path_rate: float = 0.0
+    drop_path_uniform: bool = True  # same rate in every block (DINOv2) vs linearly increasing
+    drop_path_mode: str = "efficient"  # efficient (subset of samples) | classic (per-sample mask)
+    attn_backend: str = "auto"  # auto | sdpa | math | flex | varlen | xformers
+    interpolate_antialias: bool = True
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = 65536  # number of prototypes K
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class DatasetConfig:
+    kind: str = "folder"  # folder | filelist | manifest | arrays | demo | cifar10_blobs
+    path: str = ""  # folder root, list/manifest file, .npz of arrays, or demo cache dir
+    split: str = "train"  # for datasets that have splits (demo, cifar10_blobs)
+    max_bad_fraction: float = 0.5  # stop if more than this fraction of samples fail to decode
+
+
+@dataclass
+class CropsConfig:
+    global_crops_size: int = 224
+    local_crops_size: int = 98
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    local_crops_number: int = 8
+    hflip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p_global1: float = 1.0  # first global crop: always blurred
+    blur_p_global2: float = 0.1
+    blur_p_local: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p_global2: float = 0.2
+    solarize_threshold: float = 0.5  # fraction of the pixel range (128 / 255 for uint8)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class MaskConfig:
+    mask_probability: float = 0.5  # fraction of global crops that are masked
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    min_num_patches: int = 4
+    aspect_ratio_min_max: list[float] = field(default_factory=lambda: [0.3, 1 / 0.3])
+
+
+@dataclass
+class DataConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    batch_size_per_gpu: int = 64
+    num_workers: int = 8
+    pin_memory: bool = True
+
+
+# --------------------------------------------------------------------------------------------- loss
+@dataclass
+class LossConfig:
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | softmax
+    center_momentum: float = 0.9
+    sk_iterations: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    ibot_separate_head: bool = False
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    epoch_length: int = 1250  # iterations per "epoch" (schedules are defined in epochs)
+    base_lr: float = 0.004  # for a total batch of 1024, scaled by lr_scaling
+    lr_scaling: str = "sqrt"  # sqrt | linear | none (relative to a total batch of 1024)
+    min_lr: float = 1.0e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    freeze_last_layer_epochs: float = 1
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0  # 0 disables clipping
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+    fused: bool = True  # fused AdamW when the device supports it
+
+
+# ------------------------------------------------------------------------------------ distributed
+@dataclass
+class DistributedConfig:
+    fsdp: bool = False  # shard student and teacher with FSDP2 (always on when world size > 1)
+    param_dtype: str = "bf16"  # FSDP mixed precision: bf16 | fp32 (fp32 on CPU for exactness)
+    reduce_dtype: str = "fp32"
+    activation_checkpointing: str = "none"  # none | full | selective
+    compile: bool = False  # torch.compile each block
+    backend: str = "auto"  # auto | nccl | gloo
+
+
+# --------------------------------------------------------------------------------------------- train
+@dataclass
+class DistillConfig:
+    enabled: bool = False
+    teacher_checkpoint: str = ""  # our export, timm or HF layout (see docs/distillation.md)
+    teacher_format: str = "auto"  # auto | ours | timm | hf
+    teacher_model: ModelConfig = field(default_factory=ModelConfig)
+    student_ema_momentum: float = 0.999
+
+
+@dataclass
+class EvalConfig:
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_temperature: float = 0.07
+    final_knn: bool = False  # run k-NN on the dataset's held-out split after training
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    max_iterations: int | None = None  # None: epochs * epoch_length
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last_checkpoints: int = 2
+    amp: str = "bf16"  # autocast dtype on GPU: bf16 | fp16 | none (CPU always runs fp32)
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+    tensorboard: bool = True
+    export_teacher: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dino_head: HeadConfig = field(default_factory=HeadConfig)
+    ibot_head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _all_keys(schema: Any, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        out.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            out.extend(_all_keys(type(default), key + "."))
+    return out
+
+
+def _unknown_key_error(schema: type, err: Exception, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or str(err).split("\n")[0]
+    valid = _all_keys(schema)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # try the last component only
+        leaf = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in valid], n=1)
+        close = [k for k in valid if close and k.endswith("." + close[0]) or k == (close or [""])[0]][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    schema: type[T] = Config,  # type: ignore[assignment]
+) -> T:
+    """Schema defaults ← YAML ``path`` (may ``_base_: other.yaml``) ← ``key=value`` overrides."""
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    if path is not None:
+        for layer_path, layer in _yaml_chain(Path(path)):
+            try:
+                cfg = OmegaConf.merge(cfg, layer)
+            except (ConfigKeyError, ConfigAttributeError) as e:
+                raise _unknown_key_error(schema, e, str(layer_path)) from None
+            except ValidationError as e:
+                raise ConfigError(f"bad value in {layer_path}: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except (ConfigKeyError, ConfigAttributeError) as e:
+            raise _unknown_key_error(schema, e, "command-line overrides") from None
+        except ValidationError as e:
+            raise ConfigError(f"bad value in override '{item}': {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _yaml_chain(path: Path) -> list[tuple[Path, DictConfig]]:
+    """The YAML file and its ``_base_`` ancestors, oldest first."""
+    chain: list[tuple[Path, DictConfig]] = []
+    seen: set[Path] = set()
+    while True:
+        path = resolve_config_path(path)
+        if path in seen:
+            raise ConfigError(f"config inheritance loops at {path}")
+        seen.add(path)
+        layer = OmegaConf.load(path)
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{path} must hold a mapping at the top level")
+        base = layer.pop("_base_", None)
+        chain.append((path, layer))
+        if base is None:
+            break
+        path = path.parent / str(base)
+    return chain[::-1]
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, or the name of a packaged preset such as ``train/vits14``."""
+    p = Path(path)
+    if p.is_file():
+        return p.resolve()
+    packaged = (
+        Path(__file__).resolve().parent.parent
+        / "configs"
+        / (str(path) if str(path).endswith(".yaml") else f"{path}.yaml")
+    )
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(f"config file '{path}' not found (give a YAML path or a preset like 'train/vits14')")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

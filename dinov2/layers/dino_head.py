@@ -1,0 +1,44 @@
+"""DINO projection head: MLP → L2-normalised bottleneck → weight-normalised prototypes."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+class DINOHead(nn.Module):
+    """``in_dim → hidden → … → bottleneck`` (GELU between, no BatchNorm), L2 normalisation, then a
+    bias-free linear layer onto ``out_dim`` prototypes whose weight is ``g · v / ‖v‖`` per prototype
+    (torch's parametrization API; ``g`` starts at 1). ``last_layer`` is what the trainer freezes during
+    the first iterations."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3
+    ) -> None:
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError("DINOHead needs nlayers >= 1")
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < nlayers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False), dim=0)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        weight = self.last_layer.parametrizations.weight
+        nn.init.trunc_normal_(weight.original1, std=0.02)  # direction v
+        nn.init.ones_(weight.original0)  # norm g
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2, eps=1e-6)
+        return self.last_layer(x)

@@ -1,0 +1,23 @@
+"""Model families."""
+
+from dinov2.models.vision_transformer import (
+    ARCHS,
+    DinoVisionTransformer,
+    build_backbone,
+    vision_transformer,
+    vit_base,
+    vit_giant2,
+    vit_large,
+    vit_small,
+)
+
+__all__ = [
+    "ARCHS",
+    "DinoVisionTransformer",
+    "build_backbone",
+    "vision_transformer",
+    "vit_base",
+    "vit_giant2",
+    "vit_large",
+    "vit_small",
+]

@@ -1,0 +1,245 @@
+"""The ViT family (S/B/L/g) with one packed forward over crop groups of different sizes.
+
+``model([globals, locals], masks=[m, None])`` embeds each crop group (its own position-embedding
+interpolation, iBOT mask tokens, CLS and register tokens), packs every token of every group into one
+``(T, D)`` matrix, runs the blocks (big GEMMs on all tokens, attention per group) and returns, per
+group, the final-norm CLS token, register tokens and patch tokens. A single tensor in gives a single
+dict out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinov2.layers import AttentionDispatcher, Block, LayerScale, PatchEmbed
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    ffn_layer: str = "mlp"
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "vit_tiny": ArchSpec(192, 12, 3),
+    "vit_small": ArchSpec(384, 12, 6),
+    "vit_base": ArchSpec(768, 12, 12),
+    "vit_large": ArchSpec(1024, 24, 16),
+    "vit_giant2": ArchSpec(1536, 40, 24, "swiglu"),
+}
+
+
+class DinoVisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        ffn_layer: str = "mlp",
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        layerscale_init: float | None = 1e-5,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = True,
+        drop_path_mode: str = "efficient",
+        num_register_tokens: int = 0,
+        attn_backend: str = "auto",
+        interpolate_antialias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_antialias = interpolate_antialias
+        self.base_grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.base_grid**2, embed_dim))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.dispatcher = AttentionDispatcher(attn_backend)
+        rates = (
+            [drop_path_rate] * depth
+            if drop_path_uniform
+            else [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        )
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                ffn_layer,
+                qkv_bias,
+                proj_bias,
+                ffn_bias,
+                layerscale_init,
+                rates[i],
+                drop_path_mode,
+                self.dispatcher,
+            )
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        nn.init.zeros_(self.mask_token)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, LayerScale):
+                m.reset_parameters()
+
+    # ---------------------------------------------------------------------------------- tokens
+    def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:
+        """Position embedding for an ``h × w`` patch grid (bicubic, antialiased), ``(1, 1+h*w, D)``."""
+        if (h, w) == (self.base_grid, self.base_grid):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        grid = patch_pos.reshape(1, self.base_grid, self.base_grid, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(
+            grid.float(),
+            size=(h, w),
+            mode="bicubic",
+            antialias=self.interpolate_antialias,
+            align_corners=False,
+        ).to(patch_pos.dtype)
+        return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+
+    def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """Images ``(B, C, H, W)`` → tokens ``(B, 1 + R + N, D)``: [CLS, registers, patches].
+
+        Patches where ``masks`` (``(B, N)`` bool) is True are replaced by the mask token before the
+        position embedding is added (iBOT)."""
+        b = x.shape[0]
+        h, w = self.patch_embed.grid(x.shape[-2], x.shape[-1])
+        tokens = self.patch_embed(x)
+        if masks is not None:
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
+        tokens = tokens + self.interpolate_pos_encoding(h, w).to(tokens.dtype)
+        if self.register_tokens is not None:
+            regs = self.register_tokens.expand(b, -1, -1).to(tokens.dtype)
+            tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], dim=1)
+        return tokens
+
+    # --------------------------------------------------------------------------------- forward
+    def forward_packed(
+        self, crops: Sequence[Tensor], masks: Sequence[Tensor | None] | None = None, upto: int | None = None
+    ) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Packed tokens ``(T, D)`` after the first ``upto`` blocks (all by default), before the norm."""
+        masks = list(masks) if masks is not None else [None] * len(crops)
+        if len(masks) != len(crops):
+            raise ValueError(f"got {len(crops)} crop groups but {len(masks)} masks")
+        groups = [self.prepare_tokens(x, m) for x, m in zip(crops, masks, strict=True)]
+        seqs = [(t.shape[0], t.shape[1]) for t in groups]
+        x = torch.cat([t.reshape(-1, self.embed_dim) for t in groups])
+        for blk in self.blocks[:upto]:
+            x = blk(x, seqs)
+        return x, seqs
+
+    def unpack(self, x: Tensor, seqs: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        r = 1 + self.num_register_tokens
+        out = []
+        for chunk, (b, n) in zip(x.split([b * n for b, n in seqs]), seqs, strict=True):
+            t = chunk.reshape(b, n, -1)
+            out.append({"cls": t[:, 0], "registers": t[:, 1:r], "patch": t[:, r:]})
+        return out
+
+    def forward_features(
+        self, crops: Sequence[Tensor], masks: Sequence[Tensor | None] | None = None
+    ) -> list[dict[str, Tensor]]:
+        x, seqs = self.forward_packed(crops, masks)
+        return self.unpack(self.norm(x), seqs)
+
+    def forward(self, x: Tensor | Sequence[Tensor], masks: Any = None) -> Any:
+        if isinstance(x, Tensor):
+            return self.forward_features([x], [masks])[0]
+        return self.forward_features(x, masks)
+
+    def last_self_attention(self, x: Tensor) -> Tensor:
+        """Attention probabilities of the last block, ``(B, H, N, N)``, computed explicitly."""
+        tokens, seqs = self.forward_packed([x], upto=len(self.blocks) - 1)
+        last = self.blocks[-1]
+        return last.attn.attention_weights(last.norm1(tokens), seqs)[0]
+
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+
+def vision_transformer(arch: str, **kwargs: Any) -> DinoVisionTransformer:
+    """Build ``vit_tiny`` / ``vit_small`` / ``vit_base`` / ``vit_large`` / ``vit_giant2``; keyword
+    arguments override the arch's width, depth, heads or FFN kind and set everything else."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
+    spec = ARCHS[arch]
+    for key in ("embed_dim", "depth", "num_heads", "ffn_layer"):
+        if kwargs.get(key) is None:
+            kwargs[key] = getattr(spec, key)
+    return DinoVisionTransformer(**kwargs)
+
+
+def vit_small(**kwargs: Any) -> DinoVisionTransformer:
+    return vision_transformer("vit_small", **kwargs)
+
+
+def vit_base(**kwargs: Any) -> DinoVisionTransformer:
+    return vision_transformer("vit_base", **kwargs)
+
+
+def vit_large(**kwargs: Any) -> DinoVisionTransformer:
+    return vision_transformer("vit_large", **kwargs)
+
+
+def vit_giant2(**kwargs: Any) -> DinoVisionTransformer:
+    return vision_transformer("vit_giant2", **kwargs)
+
+
+def build_backbone(cfg: Any) -> DinoVisionTransformer:
+    """Backbone from a ``ModelConfig`` (see ``dinov2.config``)."""
+    return vision_transformer(
+        cfg.arch,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        ffn_layer=cfg.ffn_layer,
+        qkv_bias=cfg.qkv_bias,
+        proj_bias=cfg.proj_bias,
+        ffn_bias=cfg.ffn_bias,
+        layerscale_init=cfg.layerscale_init,
+        drop_path_rate=cfg.drop_path_rate,
+        drop_path_uniform=cfg.drop_path_uniform,
+        drop_path_mode=cfg.drop_path_mode,
+        num_register_tokens=cfg.num_register_tokens,
+        attn_backend=cfg.attn_backend,
+        interpolate_antialias=cfg.interpolate_antialias,
+    )
