@@ -10,54 +10,65 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, TextIO
 
 import numpy as np
 
 
-def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary binary file next to ``path``, then move it into place."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; when the block succeeds, move it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+@contextmanager
+def open_text_atomic(path: str | Path, newline: str | None = None) -> Iterator[TextIO]:
+    """A UTF-8 text file that appears at ``path`` only when the ``with`` block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as f:
+        yield f
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> Path:
     """``np.save`` atomically (the file name is kept exactly; no ``.npy`` is appended)."""
-    return _atomic_write(path, lambda f: np.save(f, np.asarray(array), allow_pickle=False))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array), allow_pickle=False)
+    return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 text atomically."""
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    with open_text_atomic(path, newline="") as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_lines(path: str | Path, lines: Iterable[str]) -> Path:
     """Write one string per line (each must be free of newlines) atomically."""
-
-    def write(f: IO[bytes]) -> None:
+    with open_text_atomic(path, newline="") as f:
         for line in lines:
-            f.write(line.encode("utf-8"))
-            f.write(b"\n")
-
-    return _atomic_write(path, write)
+            f.write(line)
+            f.write("\n")
+    return Path(path)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_lines(path: str | Path) -> list[str]:

@@ -55,6 +55,8 @@ def find_duplicate_pairs(
     """
     from data_curation.config import IndexConfig
 
+    if len(emb) < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     cfg = index_cfg or IndexConfig()
     index = index_from_config(emb, cfg)
     found_i, found_j, found_s = [], [], []
@@ -142,7 +144,7 @@ def _similarity_to_component_mean(labels: np.ndarray, emb: np.ndarray) -> np.nda
 
 
 def size_histogram(labels: np.ndarray) -> dict[str, int]:
-    """Number of components per size bucket: "1", "2", "3-4", "5-8", ... (powers of two)."""
+    """Number of components per size bucket: "1", "2-3", "4-7", "8-15", ... (powers of two)."""
     sizes = np.bincount(labels)
     sizes = sizes[sizes > 0]
     hist: dict[str, int] = {}

@@ -83,6 +83,7 @@ def build_index(
     pq_m: int = 0,
     pq_nbits: int = 8,
     refine: bool = False,
+    refine_k_factor: float = 8.0,
     train_size: int = 0,
     use_gpu: str | bool = "auto",
     flat_max_rows: int = 200_000,
@@ -92,9 +93,12 @@ def build_index(
     """A faiss index holding the rows of ``x`` (any float dtype; converted batch by batch).
 
     ``kind``: ``flat`` (exact), ``ivf`` (IVF-Flat: exact similarities, approximate neighbours),
-    ``ivfpq`` (compressed; ``refine`` re-ranks with exact vectors at the cost of storing them), or
-    ``auto`` (see :func:`choose_kind`). ``metric``: ``ip`` (cosine on normalised rows) or ``l2``
-    (squared distances). IVF is trained on a random sample of ``train_size`` rows (0: 64·nlist).
+    ``ivfpq`` (compressed; ``refine`` re-ranks ``refine_k_factor``·k candidates with the exact
+    vectors, at the cost of storing them) or ``auto`` (see :func:`choose_kind`). ``metric``:
+    ``ip`` (cosine on normalised rows) or ``l2`` (squared distances). IVF is trained on a random
+    sample of ``train_size`` rows (0: 64·nlist, and for IVF-PQ at least 64·2^pq_nbits for the
+    sub-quantizers). On GPU the index is trained on CPU, moved, then filled; a refined IVF-PQ
+    stays on CPU (faiss has no GPU refine index).
     """
     faiss = import_faiss()
     n, d = x.shape
@@ -115,14 +119,15 @@ def build_index(
         index.cp.seed = seed
         index.cp.min_points_per_centroid = 1  # silence the small-training-set warning
         rng = np.random.default_rng(seed)
-        size = min(n, train_size or 64 * nlist)
+        default_size = 64 * nlist if kind == "ivf" else max(64 * nlist, 64 * 2**pq_nbits)
+        size = min(n, train_size or default_size)
         sample = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
         index.train(_as_f32(x[sample]))
         index.nprobe = min(nprobe, nlist)
         if kind == "ivfpq" and refine:
             index = faiss.IndexRefineFlat(index)  # faiss keeps a reference to the wrapped index
-            index.k_factor = 4.0
-    if want_gpu(use_gpu):
+            index.k_factor = refine_k_factor  # re-rank refine_k_factor·k PQ candidates
+    if want_gpu(use_gpu) and not (kind == "ivfpq" and refine):
         resources = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(resources, 0, index)
         index.referenced_objects = [*getattr(index, "referenced_objects", []), resources]
@@ -145,7 +150,11 @@ def iter_search(
     k = min(k, index.ntotal)
     starts = range(0, len(queries), batch_size)
     for s in tqdm(starts, desc="search", unit="batch", disable=not progress, leave=False):
-        scores, ids = index.search(_as_f32(queries[s : s + batch_size]), k)
+        batch = _as_f32(queries[s : s + batch_size])
+        if k == 0:  # empty database: faiss refuses k = 0
+            yield s, np.empty((len(batch), 0), np.float32), np.empty((len(batch), 0), np.int64)
+            continue
+        scores, ids = index.search(batch, k)
         yield s, np.asarray(scores, dtype=np.float32), np.asarray(ids, dtype=np.int64)
 
 
@@ -242,6 +251,7 @@ def index_from_config(x: np.ndarray, cfg: IndexConfig, metric: str = "ip", seed:
         pq_m=cfg.pq_m,
         pq_nbits=cfg.pq_nbits,
         refine=cfg.refine,
+        refine_k_factor=cfg.refine_k_factor,
         train_size=cfg.train_size,
         use_gpu=cfg.use_gpu,
         flat_max_rows=cfg.flat_max_rows,

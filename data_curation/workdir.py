@@ -118,48 +118,45 @@ def run_stage(
 
 
 class Selection(NamedTuple):
-    """A set of global row indices and where it came from."""
+    """Which rows a stage works on: ``name`` is "all", a stage name, or a ``.npy`` path."""
 
-    indices: np.ndarray  # sorted int64 global rows
-    name: str  # "all", a stage name, or a file path
-    fingerprint: str  # changes when the selection may have changed
+    name: str
+    fingerprint: str  # changes whenever the selected rows may have changed
 
 
 def resolve_selection(
-    workdir: str | Path,
-    source: str,
-    auto_order: Sequence[str],
-    valid: np.ndarray,
-    embeddings_fp: str,
+    workdir: str | Path, source: str, auto_order: Sequence[str], embeddings_fp: str
 ) -> Selection:
-    """The rows a stage works on.
+    """Resolve a stage's ``input`` setting without reading any data.
 
-    ``source`` is ``"auto"`` (the first finished stage of ``auto_order``, else all rows), ``"all"``
-    (every valid row; ``valid`` is the mask from :func:`data_curation.embeddings.valid_rows`),
-    a stage name, or a path to a ``.npy`` of global row indices.
+    ``source`` is ``"auto"`` (the first finished stage of ``auto_order``, else ``"all"``),
+    ``"all"`` (every usable row), a stage name from :data:`SELECTION_FILES`, or a path to a
+    ``.npy`` of global row indices (relative paths from the work dir).
     """
     if source == "auto":
-        for stage in auto_order:
-            if read_done(workdir, stage) is not None:
-                source = stage
-                break
-        else:
-            source = "all"
+        source = next((s for s in auto_order if read_done(workdir, s) is not None), "all")
         log.info("input selection: %s", source)
     if source == "all":
-        return Selection(np.flatnonzero(valid).astype(np.int64), "all", embeddings_fp)
+        return Selection("all", embeddings_fp)
     if source in SELECTION_FILES:
         done = read_done(workdir, source)
         if done is None:
             raise FileNotFoundError(f"stage '{source}' has not finished in {workdir}; run it first")
-        indices = np.load(Path(workdir) / SELECTION_FILES[source])
-        return Selection(indices.astype(np.int64), source, done["fingerprint"])
-    path = Path(source)
+        return Selection(source, done["fingerprint"])
+    path = resolve_path(workdir, source)
     if path.suffix == ".npy" and path.is_file():
-        indices = np.load(path).astype(np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= len(valid)):
-            raise ValueError(f"{path}: row indices outside [0, {len(valid)})")
-        return Selection(np.unique(indices), str(path), file_fingerprint(path))
+        return Selection(str(path), file_fingerprint(path))
     raise ValueError(
         f"unknown selection '{source}': use auto, all, one of {sorted(SELECTION_FILES)}, or a .npy path"
     )
+
+
+def load_selection(workdir: str | Path, selection: Selection, valid: np.ndarray) -> np.ndarray:
+    """Sorted unique int64 global rows of ``selection``; ``valid`` is the usable-row mask."""
+    if selection.name == "all":
+        return np.flatnonzero(valid).astype(np.int64)
+    file = Path(workdir) / SELECTION_FILES[selection.name] if selection.name in SELECTION_FILES else None
+    indices = np.unique(np.load(file or selection.name).astype(np.int64))
+    if indices.size and (indices[0] < 0 or indices[-1] >= len(valid)):
+        raise ValueError(f"selection {selection.name}: row indices outside [0, {len(valid)})")
+    return indices

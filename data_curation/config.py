@@ -1,0 +1,120 @@
+"""Typed configuration of the curation pipeline (``dinov2-curate``).
+
+Every key a user can set is a field below; ``configs/curation/default.yaml`` lists them with their
+defaults. Loading goes through :func:`dinov2.config.load_config` (schema defaults ← YAML ←
+``key=value`` overrides), which rejects unknown keys with a hint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class IndexConfig:
+    """Nearest-neighbour search (dedup, decontaminate, sample-based retrieval)."""
+
+    backend: str = "faiss"  # faiss | torch (exact matmul; for a GPU without faiss-gpu)
+    kind: str = "auto"  # auto | flat | ivf | ivfpq   (auto: flat up to flat_max_rows, else ivf)
+    flat_max_rows: int = 200_000
+    nlist: int = 0  # IVF lists; 0: about 4·sqrt(rows)
+    nprobe: int = 32  # IVF lists visited per query
+    pq_m: int = 0  # IVF-PQ sub-quantizers (must divide the dim); 0: dim / 8
+    pq_nbits: int = 8
+    refine: bool = False  # IVF-PQ: re-rank with the exact vectors (exact similarities, more memory)
+    refine_k_factor: float = 8.0  # refine: candidates re-ranked per query, as a multiple of k
+    train_size: int = 0  # IVF training sample; 0: 64·nlist rows (IVF-PQ: at least 64·2^pq_nbits)
+    use_gpu: str = "auto"  # auto | true | false (faiss GPU needs faiss-gpu and a visible GPU)
+    torch_device: str = ""  # backend=torch: "" picks cuda when available, else cpu
+    batch_size: int = 16384  # queries per search batch (bounds memory)
+    add_batch_size: int = 65536  # rows converted and added to the index at a time
+
+
+@dataclass
+class DedupConfig:
+    k: int = 64  # neighbours examined per image
+    threshold: float = 0.6  # cosine similarity above which two images are copies
+    keep: str = "first"  # first | random | most_connected | centroid | score
+    score_file: str = ""  # keep=score: .npy with one score per embedding row (highest kept)
+    seed: int = 0  # keep=random
+    report_top: int = 20  # largest components listed in components.json
+    report_members: int = 50  # member paths listed per reported component
+
+
+@dataclass
+class DecontaminateConfig:
+    eval_sets: list[str] = field(default_factory=list)  # embedding dirs (relative: to the work dir)
+    threshold: float = 0.45  # cosine similarity to any eval image above which a component is dropped
+    report_top: int = 50  # most similar (pool, eval) pairs listed in report.json
+
+
+@dataclass
+class QuerySetConfig:
+    path: str = ""  # embeddings dir of a curated query dataset (relative: to the work dir)
+    name: str = ""  # for the report; default: the folder name
+    method: str = "sample"  # sample (k-NN per query) | cluster (clusters holding >= min_queries)
+    k: int = 4  # sample: pool images per query
+    min_similarity: float = -1.0  # sample: ignore neighbours below this cosine similarity
+    min_queries: int = 3  # cluster: queries a pool cluster must hold to be selected (m)
+    per_cluster: int = 10_000  # cluster: images taken from each selected cluster (n)
+
+
+@dataclass
+class RetrieveConfig:
+    input: str = "auto"  # auto | all | dedup | decontaminate | path to a .npy of rows
+    query_sets: list[QuerySetConfig] = field(default_factory=list)
+    n_clusters: int = 1000  # cluster method: k-means of the pool into this many clusters
+    niter: int = 20
+    init: str = "kmeans++"  # random | kmeans++ | afkmc2
+    cluster_pick: str = "random"  # random | closest (to the centroid)
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    input: str = "auto"  # auto | all | dedup | decontaminate | retrieve | path to a .npy of rows
+    n_clusters: list[int] = field(default_factory=lambda: [1000, 100])  # per level, bottom up
+    n_resampling_steps: list[int] = field(default_factory=lambda: [0])  # per level (one value: all)
+    sample_size: list[int] = field(default_factory=lambda: [10])  # per level: points per cluster
+    niter: int = 20
+    init: str = "kmeans++"  # random | kmeans++ | afkmc2 (cheaper approximation of kmeans++)
+    spherical: bool = True  # normalised centroids, cosine assignment
+    max_points_per_centroid: int = 256  # faiss subsamples larger inputs
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    target_size: int = 100_000
+    leaf_selection: str = "random"  # random | closest (to the level-1 centroid)
+    seed: int = 0
+
+
+@dataclass
+class ManifestConfig:
+    selection: str = "auto"  # auto | all | dedup | decontaminate | retrieve | sample | .npy path
+    source: str = ""  # the source column; default: the embeddings' source, else the selection
+    labels: str = ""  # optional .npy / .txt with one label per embedding row
+    output: str = ""  # default: <workdir>/manifest/manifest.csv
+
+
+@dataclass
+class CurationConfig:
+    embeddings: str = "embeddings"  # embeddings dir (relative: to the work dir)
+    progress: bool = True  # progress bars and k-means logs
+    index: IndexConfig = field(default_factory=IndexConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+
+
+def load_curation_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CurationConfig:
+    """Schema defaults ← YAML ``path`` (or a preset such as ``curation/default``) ← overrides."""
+    from dinov2.config import load_config
+
+    return load_config(path, overrides, schema=CurationConfig)
