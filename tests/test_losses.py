@@ -100,9 +100,7 @@ def test_sinkhorn_doubly_stochastic_after_many_iterations():
     logits = torch.randn(n_samples, n_protos, generator=gen)
     out = Centering(n_protos, sk_iterations=50)(logits, 1.0)
     torch.testing.assert_close(out.sum(dim=1), torch.ones(n_samples), rtol=0, atol=1e-5)
-    torch.testing.assert_close(
-        out.sum(dim=0), torch.full((n_protos,), n_samples / n_protos), rtol=0, atol=1e-5
-    )
+    torch.testing.assert_close(out.sum(dim=0), torch.full((n_protos,), n_samples / n_protos), rtol=0, atol=1e-5)
     assert (out >= 0).all()
 
 
@@ -231,10 +229,7 @@ def test_dino_loss_batch_mean_with_loops():
     t = torch.softmax(torch.randn(2, n_batch, 2, generator=gen), dim=-1)
 
     def pair_term(p_view, s_crop):  # batch mean of the cross-entropy for one (crop, view) pair
-        return (
-            sum(cross_entropy2(p_view[b].tolist(), s_crop[b].tolist(), temp) for b in range(n_batch))
-            / n_batch
-        )
+        return sum(cross_entropy2(p_view[b].tolist(), s_crop[b].tolist(), temp) for b in range(n_batch)) / n_batch
 
     terms = [pair_term(t[tv], s_global[v]) for v in range(2) for tv in range(2) if tv != v]
     terms += [pair_term(t[tv], s_local[c]) for c in range(n_local) for tv in range(2)]
@@ -313,12 +308,16 @@ def test_ibot_loss_no_masked_patches_is_zero():
 
 
 def test_koleo_hand_computed():
-    # Unnormalized inputs; after L2 normalization: a = (1, 0), b = (0, 1), c = (2, 1) / sqrt(5).
-    x = torch.tensor([[3.0, 0.0], [0.0, 0.5], [2.0, 1.0]])
-    # Nearest neighbours by cosine: a -> c (2/sqrt5), b -> c (1/sqrt5 > 0), c -> a (2/sqrt5 > 1/sqrt5).
-    d_ac = math.sqrt((1 - 2 / math.sqrt(5)) ** 2 + (1 / math.sqrt(5)) ** 2)
-    d_bc = math.sqrt((2 / math.sqrt(5)) ** 2 + (1 - 1 / math.sqrt(5)) ** 2)
-    expected = -(math.log(d_ac) + math.log(d_bc) + math.log(d_ac)) / 3
+    # Unnormalized inputs; after L2 normalization:
+    # a = (1, 0), b = (0, 1), c = (2, 1) / sqrt(5), d = (-1, -2) / sqrt(5).
+    x = torch.tensor([[3.0, 0.0], [0.0, 0.5], [2.0, 1.0], [-0.5, -1.0]])
+    r5 = math.sqrt(5)
+    # Nearest neighbours by cosine: a -> c (2/r5), b -> c (1/r5), c -> a (2/r5),
+    # d -> a (-1/r5 beats -2/r5 and -4/5: a negative best similarity, so d must not pick itself).
+    d_ac = math.sqrt((1 - 2 / r5) ** 2 + (1 / r5) ** 2)
+    d_bc = math.sqrt((2 / r5) ** 2 + (1 - 1 / r5) ** 2)
+    d_da = math.sqrt((1 + 1 / r5) ** 2 + (2 / r5) ** 2)
+    expected = -(math.log(d_ac) + math.log(d_bc) + math.log(d_ac) + math.log(d_da)) / 4
     loss = KoLeoLoss()(x)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(expected, abs=1e-6)
@@ -328,10 +327,13 @@ def test_koleo_identical_rows_are_finite():
     x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], requires_grad=True)
     loss = KoLeoLoss()(x)
     assert torch.isfinite(loss)
-    # The duplicate pair has distance ~0, so its log term is large (-log(~1e-8)) but finite.
-    assert loss.item() > 10
     loss.backward()
     assert torch.isfinite(x.grad).all()
+    # Two identical rows: the distance is ||0 + eps * 1|| = sqrt(D) * eps (pairwise_distance
+    # convention), and the log gets another + eps.
+    eps = 1e-8
+    pair = KoLeoLoss(eps=eps)(torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))
+    assert pair.item() == pytest.approx(-math.log(math.sqrt(3) * eps + eps), rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

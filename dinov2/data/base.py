@@ -31,17 +31,17 @@ class Sample(NamedTuple):
     skipped: tuple[str, ...]
 
 
-def require_path(path: str | os.PathLike, *, directory: bool | None = None) -> str:
-    """``path`` as a string, or a one-line ``FileNotFoundError`` naming it and the config key."""
+def require_path(path: str | os.PathLike, *, directory: bool | None = None, key: str = PATH_CONFIG_KEY) -> str:
+    """``path`` as a string, or a one-line ``FileNotFoundError`` naming it and the config ``key``."""
     path = os.fspath(path)
     if not path:
-        raise FileNotFoundError(f"no dataset path given; set {PATH_CONFIG_KEY}")
+        raise FileNotFoundError(f"no dataset path given; set {key}")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{PATH_CONFIG_KEY}={path!r} does not exist")
+        raise FileNotFoundError(f"{key}={path!r} does not exist")
     if directory is True and not os.path.isdir(path):
-        raise NotADirectoryError(f"{PATH_CONFIG_KEY}={path!r} is not a directory")
+        raise NotADirectoryError(f"{key}={path!r} is not a directory")
     if directory is False and os.path.isdir(path):
-        raise IsADirectoryError(f"{PATH_CONFIG_KEY}={path!r} is a directory, expected a file")
+        raise IsADirectoryError(f"{key}={path!r} is a directory, expected a file")
     return path
 
 

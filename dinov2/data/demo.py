@@ -160,9 +160,7 @@ def generate_demo(
 class DemoDataset(ArrayDataset):
     """The demo images of ``split`` (``train`` or ``test``) as a labelled in-memory dataset."""
 
-    def __init__(
-        self, split: str = "train", num_samples: int | None = None, image_size: int = 32, seed: int = 0
-    ):
+    def __init__(self, split: str = "train", num_samples: int | None = None, image_size: int = 32, seed: int = 0):
         images, labels = generate_demo(split, num_samples, image_size, seed)
         super().__init__(images, labels, source=f"<demo:{split}>")
         self.classes = list(DEMO_CLASSES)

@@ -94,9 +94,7 @@ class Centering(nn.Module):
 
     def _as_rows(self, teacher_logits: torch.Tensor) -> torch.Tensor:
         if teacher_logits.shape[-1] != self.out_dim:
-            raise ValueError(
-                f"expected logits with last dim {self.out_dim}, got {tuple(teacher_logits.shape)}"
-            )
+            raise ValueError(f"expected logits with last dim {self.out_dim}, got {tuple(teacher_logits.shape)}")
         return teacher_logits.reshape(-1, self.out_dim)
 
     @torch.no_grad()
@@ -125,9 +123,7 @@ class Centering(nn.Module):
     def _softmax_centered(self, rows: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         return torch.softmax((rows.float() - self.center) / teacher_temp, dim=-1)
 
-    def _sinkhorn_knopp(
-        self, rows: torch.Tensor, teacher_temp: float, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _sinkhorn_knopp(self, rows: torch.Tensor, teacher_temp: float, mask: torch.Tensor | None) -> torch.Tensor:
         # Work on the (B, K) layout directly: "prototype sums" are over dim 0 (all-reduced across
         # ranks), "sample sums" over dim 1 (local). This is the usual K x B formulation transposed.
         n_rows, n_protos = rows.shape

@@ -64,10 +64,8 @@ class IBOTPatchLoss(nn.Module):
             )
         n_real = weights.shape[0]
         if weights.ndim != 1 or n_real > student_logits.shape[0]:
-            raise ValueError(
-                f"weights must be 1-D with at most {student_logits.shape[0]} entries, "
-                f"got {tuple(weights.shape)}"
-            )
+            max_rows = student_logits.shape[0]
+            raise ValueError(f"weights must be 1-D with at most {max_rows} entries, got {tuple(weights.shape)}")
         log_p = F.log_softmax(student_logits[:n_real].float() / self.student_temp, dim=-1)
         cross_entropy = -(teacher_probs[:n_real].float() * log_p).sum(dim=-1)  # (M,)
         total = (cross_entropy * weights.float()).sum()

@@ -1,0 +1,115 @@
+"""``build_train_loader``: the endless, resumable stream of multi-crop training batches of one rank.
+
+Dataset → :class:`AugmentedDataset` (crops seeded by stream position) → DataLoader driven by an
+:class:`InfiniteSampler` that starts at ``start_iteration * batch_size_per_gpu * world_size`` →
+:class:`MultiCropCollate` (masks seeded by stream position). Nothing depends on worker RNG state,
+so a loader started at iteration ``k`` yields exactly the batches an uninterrupted one yields from
+its ``k``-th on, with any ``num_workers``.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from dinov2.data.augmentations import MultiCropAugmentation
+from dinov2.data.augmented import AugmentedDataset
+from dinov2.data.base import ImageDataset
+from dinov2.data.collate import MultiCropCollate
+from dinov2.data.datasets import build_dataset
+from dinov2.data.samplers import InfiniteSampler
+from dinov2.data.seeding import STREAM_WORKER, derive_seed
+
+if TYPE_CHECKING:
+    from dinov2.config import DataConfig
+
+
+def seed_worker(worker_id: int, base_seed: int) -> None:
+    """DataLoader ``worker_init_fn``: seed torch, numpy and random from ``(base_seed, worker_id)``.
+
+    The pipeline does not draw from these global generators, but a user transform might; this
+    keeps it reproducible too.
+    """
+    seed = derive_seed(base_seed, worker_id)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class TrainLoader:
+    """Iterable over batches (dicts, see ``collate_multicrop``); tracks what the caller consumed.
+
+    Each batch handed out advances the sampler by one global batch, so :meth:`state_dict` is the
+    consumed position however far the workers prefetched, and iterating again continues from it.
+    ``num_skipped`` / ``skipped_paths`` total the undecodable records seen in this rank's batches.
+    """
+
+    def __init__(self, dataloader: torch.utils.data.DataLoader, sampler: InfiniteSampler, global_batch_size: int):
+        self.dataloader = dataloader
+        self.sampler = sampler
+        self.global_batch_size = global_batch_size
+        self.num_skipped = 0
+        self.skipped_paths: set[str] = set()
+
+    @property
+    def dataset(self) -> ImageDataset:
+        return self.dataloader.dataset.dataset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.dataloader:
+            self.sampler.advance(self.global_batch_size)
+            self.num_skipped += batch["num_skipped"]
+            self.skipped_paths.update(batch["skipped_paths"])
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position on the next ``iter()``."""
+        self.sampler.load_state_dict(state)
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    patch_size: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start_iteration: int = 0,
+    dataset: ImageDataset | None = None,
+) -> TrainLoader:
+    """The training batches of ``rank``, starting at iteration ``start_iteration``.
+
+    ``dataset`` overrides ``cfg.dataset`` (for callers that already hold one).
+    """
+    dataset = build_dataset(cfg.dataset) if dataset is None else dataset
+    global_batch_size = cfg.batch_size_per_gpu * world_size
+    sampler = InfiniteSampler(
+        len(dataset),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        start=start_iteration * global_batch_size,
+        return_positions=True,
+    )
+    workers = cfg.num_workers
+    dataloader = torch.utils.data.DataLoader(
+        AugmentedDataset(dataset, MultiCropAugmentation(cfg.crops), seed=seed),
+        batch_size=cfg.batch_size_per_gpu,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        collate_fn=MultiCropCollate(cfg.masks, patch_size, seed=seed),
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        worker_init_fn=functools.partial(seed_worker, base_seed=derive_seed(seed, STREAM_WORKER, rank)),
+        # A private generator: creating the loader must not consume the caller's global torch RNG.
+        generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_WORKER, rank)),
+    )
+    return TrainLoader(dataloader, sampler, global_batch_size)
