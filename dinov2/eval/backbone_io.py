@@ -1,0 +1,116 @@
+"""The exported-backbone format evaluation reads: weights file + ``config.yaml`` side by side.
+
+An export is a directory holding
+
+- the backbone's ``state_dict()`` as ``*.safetensors`` (needs the ``safetensors`` package) or as a
+  plain ``torch.save`` file (``*.pth`` / ``*.pt``), loadable with ``torch.load(weights_only=True)``;
+- ``config.yaml``: the full training configuration (the :class:`dinov2.config.Config` schema), from
+  which :func:`dinov2.models.build_backbone` rebuilds the architecture.
+
+:func:`load_backbone` accepts the weights file or the directory (which must then hold one weights
+file, or one whose name starts with ``teacher``). It also tolerates the state dict of a wrapper:
+nested under ``teacher_backbone`` / ``backbone`` / ``teacher`` / ``model`` / ``state_dict``, keys
+prefixed ``backbone.`` (only those are kept), or ``module.`` / ``_orig_mod.`` prefixes from DDP and
+``torch.compile``. :func:`save_backbone` writes the format.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+CONFIG_NAME = "config.yaml"
+_NESTED_KEYS = ("teacher_backbone", "backbone", "teacher", "model", "state_dict")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def save_backbone(
+    backbone: torch.nn.Module, cfg: Any, directory: str | os.PathLike, name: str = "backbone.pth"
+) -> Path:
+    """Write ``backbone``'s weights as ``directory/name`` (format from the suffix) and ``cfg`` as
+    ``directory/config.yaml``; return the weights path."""
+    from dinov2.config import to_yaml
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    elif path.suffix in (".pth", ".pt"):
+        torch.save(state, path)
+    else:
+        raise ValueError(f"weights file name must end in one of {', '.join(WEIGHT_SUFFIXES)}: {name}")
+    (directory / CONFIG_NAME).write_text(to_yaml(cfg))
+    return path
+
+
+def find_weights(path: str | os.PathLike) -> Path:
+    """The weights file ``path`` names, or the one inside directory ``path``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    teacher = [p for p in found if p.name.startswith("teacher")]
+    if len(found) == 1 or len(teacher) == 1:
+        return found[0] if len(found) == 1 else teacher[0]
+    names = ", ".join(p.name for p in found) or "none"
+    raise FileNotFoundError(f"expected one weights file ({'/'.join(WEIGHT_SUFFIXES)}) in {path}, found: {names}")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The backbone state dict stored in ``path`` (see the module docstring for what is unwrapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(state, dict) and not all(isinstance(v, Tensor) for v in state.values()):
+        nested = next((state[k] for k in _NESTED_KEYS if isinstance(state.get(k), dict)), None)
+        if nested is None:
+            raise ValueError(f"{path} holds no backbone state dict (top-level keys: {', '.join(map(str, state))})")
+        state = nested
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    for prefix in _WRAPPER_PREFIXES:
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
+def load_backbone(
+    checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Any]:
+    """``(backbone in eval mode on device, Config)`` from an export (see the module docstring).
+
+    ``config`` defaults to ``config.yaml`` next to the weights file.
+    """
+    from dinov2.config import load_config
+    from dinov2.models import build_backbone
+
+    weights = find_weights(checkpoint)
+    config_path = Path(config) if config is not None else weights.parent / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no training config at {config_path} (pass --config to point at one)")
+    cfg = load_config(config_path)
+    backbone = build_backbone(cfg.model)
+    missing, unexpected = backbone.load_state_dict(read_state_dict(weights), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match the backbone of {config_path}: "
+            f"missing {sorted(missing)[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {sorted(unexpected)[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
+    return backbone.to(device).eval(), cfg
