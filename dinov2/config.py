@@ -58,10 +58,15 @@ class HeadConfig:
 # --------------------------------------------------------------------------------------------- data
 @dataclass
 class DatasetConfig:
-    kind: str = "folder"  # folder | filelist | manifest | arrays | demo | cifar10_blobs
-    path: str = ""  # folder root, list/manifest file, .npz of arrays, or demo cache dir
-    split: str = "train"  # for datasets that have splits (demo, cifar10_blobs)
+    kind: str = "folder"  # folder | filelist | manifest | arrays | demo | blobs (alias cifar10_blobs)
+    path: str = ""  # folder root, list/manifest file, .npz of arrays, blobs folder; "{split}" is replaced
+    split: str = "train"  # for datasets that have splits (demo, blobs) or a "{split}" in path
     max_bad_fraction: float = 0.5  # stop if more than this fraction of samples fail to decode
+    subset_path: str = ""  # blobs: optional .npy of indices to keep ("{split}" is replaced)
+    demo_image_size: int = 32  # demo: side of the generated images
+    demo_num_train: int = 5000  # demo: images in the train split
+    demo_num_test: int = 1000  # demo: images in the test split
+    demo_seed: int = 0  # demo: the images are a function of this seed (not of train.seed)
 
 
 @dataclass
@@ -170,6 +175,19 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07
     final_knn: bool = False  # run k-NN on the dataset's held-out split after training
+    test_split: str = "test"  # the held-out split of data.dataset used by final_knn
+    batch_size: int = 256  # images per feature-extraction batch
+    resize: int | None = None  # eval transform: shorter side resized to this (None: keep), e.g. 256
+    crop: int | None = None  # eval transform: centre crop (None: none), e.g. 224
+    linear_lrs: list[float] = field(
+        default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+    )  # swept jointly, one head each; chosen on a held-out part of the train split
+    linear_epochs: int = 10
+    linear_batch_size: int = 256
+    linear_val_fraction: float = 0.1  # stratified share of the train split held out to choose the lr
+    linear_patch_mean: bool = True  # linear features: [CLS, mean patch token] (False: CLS only)
+    attention_num_images: int = 8  # images in the attention-map grid (evenly spaced over the split)
+    attention_top_mass: float | None = None  # keep the top patches holding this attention mass (DINO: 0.6)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dinov2.layers.attention import Attention, AttentionDispatcher, Seqs
 from dinov2.layers.layer_scale import LayerScale
@@ -40,6 +42,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
         self.drop_path = drop_path
         self.drop_path_mode = drop_path_mode
+        self.checkpoint_activations = False  # set by dinov2.distributed.parallelize
 
     def attn_branch(self, x: Tensor, seqs: Seqs) -> Tensor:
         return self.ls1(self.attn(self.norm1(x), seqs))
@@ -48,5 +51,12 @@ class Block(nn.Module):
         return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: Tensor, seqs: Seqs) -> Tensor:
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            # recompute this block's activations in backward (the RNG state is replayed, so the same
+            # stochastic-depth subset is drawn again)
+            return checkpoint(self._forward, x, seqs, use_reentrant=False)
+        return self._forward(x, seqs)
+
+    def _forward(self, x: Tensor, seqs: Seqs) -> Tensor:
         x = residual(x, seqs, self.attn_branch, self.drop_path, self.drop_path_mode, self.training)
         return residual(x, seqs, self.ffn_branch, self.drop_path, self.drop_path_mode, self.training)

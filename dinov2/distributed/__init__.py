@@ -1,0 +1,1 @@
+"""Process-group set-up, sharding (FSDP2) and the collective helpers used by the losses."""

@@ -1,0 +1,132 @@
+"""Training checkpoints through ``torch.distributed.checkpoint`` (DCP).
+
+A checkpoint is a directory ``ckpt_{iteration:08d}/`` holding the DCP shards of the meta-architecture
+(student, teacher, centering state) and the optimizer, ``meta.json`` (iteration, world size, the
+global sample position of the data stream) and one ``rng_rank{r}.pt`` per rank (tensors only, read
+with ``weights_only=True``). It is written to ``ckpt_….tmp`` and renamed when complete, so a crash
+mid-save never leaves a directory that looks finished; only the newest ``keep`` are kept. DCP
+reshards on load, so a checkpoint saved at one world size resumes at another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+logger = logging.getLogger(__name__)
+_NAME = re.compile(r"^ckpt_(\d{8})$")
+
+
+@dataclass
+class ResumeState:
+    iteration: int
+    sample_position: int
+    world_size: int
+    path: Path
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.keep = max(1, keep)
+
+    def complete(self) -> list[Path]:
+        """Finished checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and _NAME.match(p.name)]
+        return sorted((p for p in found if (p / "meta.json").is_file()), key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(
+        self, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample_position: int
+    ) -> Path:
+        final = self.directory / f"ckpt_{iteration:08d}"
+        tmp = self.directory / f"ckpt_{iteration:08d}.tmp"
+        rank = _rank()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        state = {
+            "model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+        }
+        dcp.save(state, checkpoint_id=tmp)
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        _barrier()
+        if rank == 0:
+            meta = {"iteration": iteration, "sample_position": sample_position, "world_size": _world()}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> ResumeState:
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        state = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        if meta["world_size"] == _world() and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            logger.warning(
+                "resuming at world size %d from a checkpoint saved at %d: RNG streams are re-seeded",
+                _world(),
+                meta["world_size"],
+            )
+        return ResumeState(meta["iteration"], meta["sample_position"], meta["world_size"], path)

@@ -1,0 +1,51 @@
+"""``dinov2-train --config PATH [key=value …]``: pretrain (or distill) a ViT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dinov2.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dinov2-train",
+        description="Self-supervised ViT pretraining the DINOv2 way. Example: "
+        "dinov2-train --config configs/train/demo.yaml train.output_dir=outputs/demo optim.epochs=5",
+    )
+    parser.add_argument("--config", required=True, help="YAML file or preset name such as train/vits14")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.base_lr=1e-3")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"dinov2-train: error: {e}", file=sys.stderr)
+        return 2
+    from dinov2.train.trainer import NonFiniteLossError, train
+
+    try:
+        result = train(cfg)
+    except (NonFiniteLossError, FileNotFoundError, ConfigError) as e:
+        print(f"dinov2-train: error: {e}", file=sys.stderr)
+        return 1
+    if result.last_losses:
+        print(f"finished {result.iterations} iterations, final loss {result.last_losses.get('loss', float('nan')):.4f}")
+    if result.num_skipped:
+        print(f"skipped {result.num_skipped} undecodable images")
+    if result.exported is not None:
+        print(f"teacher backbone exported to {result.exported}")
+    if result.knn:
+        table = "  ".join(f"k={k}: {acc:.2f}%" for k, acc in sorted(result.knn.items()))
+        print(f"k-NN top-1 of the teacher on the held-out split: {table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

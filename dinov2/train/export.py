@@ -1,0 +1,42 @@
+"""Export a backbone as plain weights (safetensors), loadable without our code or pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from dinov2.distributed.env import DistEnv
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded fp32 CPU state dict (gathers FSDP2 shards; every rank must call it)."""
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def export_backbone(backbone: nn.Module, path: str | Path, env: DistEnv) -> Path:
+    """Write ``backbone``'s weights to ``path`` (``.safetensors``) on rank 0, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = full_state_dict(backbone)
+    if env.is_main:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "dinov2-train backbone"})
+        tmp.replace(path)
+    return path
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load weights written by :func:`export_backbone` (or a ``.pt`` state dict, read weights-only)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    backbone.load_state_dict(state)

@@ -1,0 +1,162 @@
+"""Student / teacher self-distillation: what one training step computes.
+
+The student (backbone + DINO head + iBOT head, the heads shared or separate) sees all crops in one
+packed forward; the teacher, an EMA copy of the student that never receives gradients, sees the
+global crops. Teacher head outputs are centred (softmax-centering or Sinkhorn-Knopp) into targets;
+the student is trained with DINO (CLS), iBOT (masked patches) and KoLeo (CLS spread) losses.
+
+Distillation (``dinov2.distill``) reuses this class with a frozen teacher that may differ in size.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+
+from dinov2.config import Config, HeadConfig, LossConfig
+from dinov2.layers import DINOHead
+from dinov2.losses import Centering, DINOLoss, IBOTPatchLoss, KoLeoLoss
+from dinov2.models import DinoVisionTransformer, build_backbone
+
+
+def build_heads(embed_dim: int, dino: HeadConfig, ibot: HeadConfig, separate_ibot: bool) -> nn.ModuleDict:
+    heads = nn.ModuleDict(
+        {"dino_head": DINOHead(embed_dim, dino.out_dim, dino.hidden_dim, dino.bottleneck_dim, dino.nlayers)}
+    )
+    if separate_ibot:
+        heads["ibot_head"] = DINOHead(embed_dim, ibot.out_dim, ibot.hidden_dim, ibot.bottleneck_dim, ibot.nlayers)
+    return heads
+
+
+class Network(nn.Module):
+    """Backbone + heads: the unit that is trained (student), EMA-averaged or frozen (teacher)."""
+
+    def __init__(self, backbone: DinoVisionTransformer, heads: nn.ModuleDict) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = heads["dino_head"]
+        self.ibot_head = heads["ibot_head"] if "ibot_head" in heads else None
+
+    def head_logits(self, cls: Tensor, masked_patches: Tensor) -> tuple[Tensor, Tensor]:
+        """DINO logits of ``cls`` and iBOT logits of ``masked_patches``; one head call when shared."""
+        if self.ibot_head is None:
+            logits = self.dino_head(torch.cat([cls, masked_patches]))
+            return logits[: cls.shape[0]], logits[cls.shape[0] :]
+        return self.dino_head(cls), self.ibot_head(masked_patches)
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    parts: dict[str, Tensor]  # detached loss terms for logging
+
+
+class SSLMetaArch(nn.Module):
+    def __init__(self, cfg: Config, teacher: Network | None = None) -> None:
+        super().__init__()
+        loss_cfg: LossConfig = cfg.loss
+        backbone = build_backbone(cfg.model)
+        self.student = Network(
+            backbone, build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, loss_cfg.ibot_separate_head)
+        )
+        self.ema_teacher = teacher is None
+        if teacher is None:
+            teacher = copy.deepcopy(self.student)
+        self.teacher = teacher
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        ibot_dim = cfg.ibot_head.out_dim if loss_cfg.ibot_separate_head else cfg.dino_head.out_dim
+        self.dino_center = Centering(
+            cfg.dino_head.out_dim, loss_cfg.centering, loss_cfg.center_momentum, loss_cfg.sk_iterations
+        )
+        self.ibot_center = Centering(ibot_dim, loss_cfg.centering, loss_cfg.center_momentum, loss_cfg.sk_iterations)
+        self.dino_loss = DINOLoss(loss_cfg.student_temp)
+        self.ibot_loss = IBOTPatchLoss(loss_cfg.student_temp)
+        self.koleo_loss = KoLeoLoss()
+        self.loss_cfg = loss_cfg
+
+    def train(self, mode: bool = True) -> SSLMetaArch:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses stochastic depth
+        return self
+
+    # ------------------------------------------------------------------------------------ teacher
+    @torch.no_grad()
+    def teacher_targets(
+        self, global_crops: Tensor, mask_index: Tensor, teacher_temp: float
+    ) -> tuple[Tensor, Tensor]:
+        """Centred target distributions: DINO ``(2, B, K)`` for the global views, iBOT ``(M, K)``."""
+        out = self.teacher.backbone(global_crops)
+        cls, patch = out["cls"], out["patch"]
+        masked = patch.flatten(0, 1)[mask_index]
+        dino_logits, ibot_logits = self.teacher.head_logits(cls, masked)
+        dino_logits = dino_logits.reshape(2, -1, dino_logits.shape[-1])
+        dino_targets = self.dino_center(dino_logits, teacher_temp)
+        ibot_targets = self.ibot_center(ibot_logits, teacher_temp)
+        if self.loss_cfg.centering == "softmax":
+            self.dino_center.update(dino_logits)
+            self.ibot_center.update(ibot_logits)
+        for module in self.teacher.modules():  # FSDP2 roots stay unsharded after a no-grad forward
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        return dino_targets, ibot_targets
+
+    # ------------------------------------------------------------------------------------ student
+    def forward(self, batch: dict[str, Tensor], teacher_temp: float) -> StepOutput:
+        """Losses of one step. ``batch``: ``global_crops`` (2B,…) view-major, ``local_crops`` (nB,…) or
+        empty, ``masks`` (2B, N) bool, ``mask_indices`` (M,), ``mask_weights`` (M,)."""
+        global_crops = batch["global_crops"]
+        local_crops = batch.get("local_crops")
+        masks = batch["masks"]
+        mask_index = batch["mask_indices"]
+        n_global = global_crops.shape[0]
+        batch_size = n_global // 2
+        dino_targets, ibot_targets = self.teacher_targets(global_crops, mask_index, teacher_temp)
+
+        has_local = local_crops is not None and local_crops.numel() > 0
+        crops = [global_crops, local_crops] if has_local else [global_crops]
+        outs = self.student.backbone(crops, [masks] + [None] * (len(crops) - 1))
+        global_cls = outs[0]["cls"]
+        cls = torch.cat([global_cls] + ([outs[1]["cls"]] if has_local else []))
+        masked = outs[0]["patch"].flatten(0, 1)[mask_index]
+        dino_logits, ibot_logits = self.student.head_logits(cls, masked)
+        k = dino_logits.shape[-1]
+        student_global = dino_logits[:n_global].reshape(2, batch_size, k)
+        student_local = dino_logits[n_global:].reshape(-1, batch_size, k) if has_local else None
+
+        parts: dict[str, Tensor] = {}
+        cfg = self.loss_cfg
+        loss = global_cls.new_zeros((), dtype=torch.float32)
+        if cfg.dino_weight:
+            parts["dino"] = self.dino_loss(student_global, dino_targets, student_local)
+            loss = loss + cfg.dino_weight * parts["dino"]
+        if cfg.ibot_weight and mask_index.numel() > 0:
+            n_masked_images = masks.any(dim=1).sum()
+            parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_masked_images)
+            loss = loss + cfg.ibot_weight * parts["ibot"]
+        if cfg.koleo_weight:
+            parts["koleo"] = sum(self.koleo_loss(view) for view in global_cls.chunk(2))
+            loss = loss + cfg.koleo_weight * parts["koleo"]
+        parts = {name: value.detach() for name, value in parts.items()}
+        parts["loss"] = loss.detach()
+        return StepOutput(loss, parts)
+
+    # ----------------------------------------------------------------------------------------- EMA
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher ← m · teacher + (1 − m) · student, on local shards when sharded (FSDP2)."""
+        if not self.ema_teacher:
+            return
+        teacher = [_local(p) for p in self.teacher.parameters()]
+        student = [_local(p) for p in self.student.parameters()]
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor parameter (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t

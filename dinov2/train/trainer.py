@@ -1,0 +1,218 @@
+"""The training loop: resume, step, log, checkpoint, stop on non-finite loss, export the teacher.
+
+One code path for a single CPU process, one GPU, torchrun and SLURM (the process group comes from
+``dinov2.distributed``). Each iteration: schedules → teacher targets → packed student forward →
+losses → backward → last-layer freeze → global-norm clipping → AdamW → EMA teacher update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dinov2.config import Config, to_yaml
+from dinov2.data import build_train_loader
+from dinov2.distributed.env import DistEnv, setup_distributed, shutdown_distributed
+from dinov2.distributed.parallelize import clip_grad_norm, parallelize_meta_arch
+from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.export import export_backbone
+from dinov2.train.meta_arch import SSLMetaArch
+from dinov2.train.metrics import MetricsWriter
+from dinov2.train.optim import apply_schedule, build_optimizer, param_groups
+from dinov2.train.schedules import Schedules
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    iterations: int
+    last_losses: dict[str, float] = field(default_factory=dict)
+    exported: Path | None = None
+    knn: dict[int, float] | None = None
+    num_skipped: int = 0
+
+
+def total_iterations(cfg: Config) -> int:
+    if cfg.train.max_iterations is not None:
+        return cfg.train.max_iterations
+    return cfg.optim.epochs * cfg.optim.epoch_length
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", env.local_rank)
+    return torch.device(name)
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    if device.type != "cuda" or cfg.train.amp == "none":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def build_meta_arch(cfg: Config, device: torch.device) -> SSLMetaArch:
+    """The meta-architecture for ``cfg``: self-supervised, or distillation when ``cfg.distill.enabled``."""
+    if cfg.distill.enabled:
+        from dinov2.distill.meta_arch import build_distill_meta_arch
+
+        return build_distill_meta_arch(cfg).to(device)
+    return SSLMetaArch(cfg).to(device)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(cfg: Config) -> TrainResult:
+    env = setup_distributed(cfg.distributed.backend)
+    try:
+        return _train(cfg, env)
+    finally:
+        shutdown_distributed(env)
+
+
+def _train(cfg: Config, env: DistEnv) -> TrainResult:
+    output_dir = Path(cfg.train.output_dir)
+    device = resolve_device(cfg.train.device, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.train.seed * 1000 + env.rank)
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    model = build_meta_arch(cfg, device)
+    parallelize_meta_arch(model, cfg.distributed, env, device)
+    groups = param_groups(
+        model.student,
+        depth=model.student.backbone.num_layers(),
+        layerwise_decay=cfg.optim.layerwise_decay,
+        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+    )
+    optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), cfg.optim.fused, device)
+    last_layer_params = [p for g in optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
+
+    global_batch = cfg.data.batch_size_per_gpu * env.world_size
+    total = total_iterations(cfg)
+    schedules = Schedules.from_config(cfg, global_batch, total)
+    checkpoints = CheckpointManager(output_dir / "checkpoints", cfg.train.keep_last_checkpoints)
+
+    start = 0
+    latest = checkpoints.latest()
+    if latest is not None:
+        resumed = checkpoints.load(latest, model, optimizer)
+        start = resumed.iteration
+        if resumed.world_size != env.world_size:
+            torch.manual_seed(cfg.train.seed * 1000 + env.rank + 7919 * start)
+        if env.is_main:
+            logger.info("resumed from %s at iteration %d", latest, start)
+
+    loader = build_train_loader(
+        cfg.data,
+        patch_size=cfg.model.patch_size,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        start_iteration=start,
+    )
+    metrics = MetricsWriter(output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
+    result = TrainResult(output_dir=output_dir, iterations=start)
+    progress = _progress_bar(cfg, env, start, total)
+    model.train()
+    pending: list[tuple[int, dict[str, torch.Tensor], float, float]] = []
+    tick = time.perf_counter()
+    batches = iter(loader)
+    try:
+        for it in range(start, total):
+            values = schedules.at(it)
+            apply_schedule(optimizer, values.lr, values.weight_decay)
+            batch = _to_device(next(batches), device)
+            with autocast_context(cfg, device):
+                step = model(batch, teacher_temp=values.teacher_temp)
+            step.loss.backward()
+            if values.freeze_last_layer:
+                for p in last_layer_params:
+                    p.grad = None
+            grad_norm = clip_grad_norm(model.student, cfg.optim.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_teacher(values.momentum)
+            step.parts["grad_norm"] = grad_norm
+            pending.append((it, step.parts, values.lr, values.teacher_temp))
+
+            done = it + 1
+            save_now = done % cfg.train.checkpoint_every == 0 or done == total
+            if done % cfg.train.log_every == 0 or save_now:
+                elapsed = time.perf_counter() - tick
+                images_per_s = len(pending) * global_batch / max(elapsed, 1e-9)
+                last = _flush(pending, metrics, images_per_s, loader.num_skipped)
+                result.last_losses = last
+                if progress is not None:
+                    progress.update(len(pending))
+                    progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{values.lr:.2e}", img_s=f"{images_per_s:.0f}")
+                pending.clear()
+                tick = time.perf_counter()
+            if save_now:
+                checkpoints.save(done, model, optimizer, sample_position=done * global_batch)
+            result.iterations = done
+    finally:
+        if progress is not None:
+            progress.close()
+        metrics.close()
+    result.num_skipped = loader.num_skipped
+    if env.is_main and loader.num_skipped:
+        logger.warning("%d undecodable images were skipped (see the warnings above for paths)", loader.num_skipped)
+    if cfg.train.export_teacher:
+        result.exported = export_backbone(model.teacher.backbone, output_dir / "teacher_backbone.safetensors", env)
+    if cfg.eval.final_knn:
+        from dinov2.train.final_eval import knn_of_backbone
+
+        result.knn = knn_of_backbone(model.teacher.backbone, cfg, device)
+    return result
+
+
+def _flush(
+    pending: list[tuple[int, dict[str, torch.Tensor], float, float]],
+    metrics: MetricsWriter,
+    images_per_s: float,
+    num_skipped: int,
+) -> dict[str, float]:
+    """Bring the pending loss values to the host (one sync per log interval), check them, log them."""
+    stacked = {name: torch.stack([parts[name] for _, parts, _, _ in pending]).float().cpu() for name in pending[0][1]}
+    last: dict[str, float] = {}
+    for row, (it, _, lr, temp) in enumerate(pending):
+        record: dict[str, Any] = {"iteration": it}
+        record.update({name: values[row].item() for name, values in stacked.items()})
+        if not math.isfinite(record["loss"]):
+            raise NonFiniteLossError(
+                f"loss is {record['loss']} at iteration {it}: stopping; the last good checkpoint is kept "
+                "(lower optim.base_lr or raise optim.warmup_epochs, then resume)"
+            )
+        record.update({"lr": lr, "teacher_temp": temp, "images_per_s": images_per_s, "num_skipped": num_skipped})
+        metrics.write(record)
+        last = record
+    return last
+
+
+def _progress_bar(cfg: Config, env: DistEnv, start: int, total: int):
+    if not (cfg.train.progress and env.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
