@@ -10,11 +10,13 @@ reshards on load, so a checkpoint saved at one world size resumes at another.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes a single process when no process group exists; that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -83,9 +93,7 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(
-        self, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample_position: int
-    ) -> Path:
+    def save(self, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample_position: int) -> Path:
         final = self.directory / f"ckpt_{iteration:08d}"
         tmp = self.directory / f"ckpt_{iteration:08d}.tmp"
         rank = _rank()
@@ -97,7 +105,8 @@ class CheckpointManager:
             "model": get_model_state_dict(model),
             "optimizer": get_optimizer_state_dict(model, optimizer),
         }
-        dcp.save(state, checkpoint_id=tmp)
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=tmp)
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
         _barrier()
         if rank == 0:
@@ -116,7 +125,8 @@ class CheckpointManager:
         state = {"model": get_model_state_dict(model)}
         if optimizer is not None:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-        dcp.load(state, checkpoint_id=path)
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"])
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, state["optimizer"])

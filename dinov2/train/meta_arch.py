@@ -88,8 +88,9 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def teacher_targets(
         self, global_crops: Tensor, mask_index: Tensor, teacher_temp: float
-    ) -> tuple[Tensor, Tensor]:
-        """Centred target distributions: DINO ``(2, B, K)`` for the global views, iBOT ``(M, K)``."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Centred target distributions: DINO ``(2, B, K)`` for the global views, iBOT ``(M, K)``, and the
+        mean entropy of the DINO targets (collapse drives it to 0, no learning signal to log K)."""
         out = self.teacher.backbone(global_crops)
         cls, patch = out["cls"], out["patch"]
         masked = patch.flatten(0, 1)[mask_index]
@@ -103,7 +104,8 @@ class SSLMetaArch(nn.Module):
         for module in self.teacher.modules():  # FSDP2 roots stay unsharded after a no-grad forward
             if isinstance(module, FSDPModule):
                 module.reshard()
-        return dino_targets, ibot_targets
+        entropy = -(dino_targets * torch.log(dino_targets.clamp_min(1e-12))).sum(-1).mean()
+        return dino_targets, ibot_targets, entropy
 
     # ------------------------------------------------------------------------------------ student
     def forward(self, batch: dict[str, Tensor], teacher_temp: float) -> StepOutput:
@@ -115,7 +117,7 @@ class SSLMetaArch(nn.Module):
         mask_index = batch["mask_indices"]
         n_global = global_crops.shape[0]
         batch_size = n_global // 2
-        dino_targets, ibot_targets = self.teacher_targets(global_crops, mask_index, teacher_temp)
+        dino_targets, ibot_targets, target_entropy = self.teacher_targets(global_crops, mask_index, teacher_temp)
 
         has_local = local_crops is not None and local_crops.numel() > 0
         crops = [global_crops, local_crops] if has_local else [global_crops]
@@ -143,6 +145,7 @@ class SSLMetaArch(nn.Module):
             loss = loss + cfg.koleo_weight * parts["koleo"]
         parts = {name: value.detach() for name, value in parts.items()}
         parts["loss"] = loss.detach()
+        parts["teacher_entropy"] = target_entropy
         return StepOutput(loss, parts)
 
     # ----------------------------------------------------------------------------------------- EMA

@@ -31,7 +31,11 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def param_groups(
-    module: nn.Module, depth: int, layerwise_decay: float, patch_embed_lr_mult: float, backbone_prefix: str = "backbone."
+    module: nn.Module,
+    depth: int,
+    layerwise_decay: float,
+    patch_embed_lr_mult: float,
+    backbone_prefix: str = "backbone.",
 ) -> list[dict]:
     """Group trainable parameters of ``module`` by (lr multiplier, wd multiplier, last layer).
 

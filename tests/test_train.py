@@ -1,0 +1,164 @@
+"""Training end to end on CPU: exact resume after a kill, NaN stop, corrupt images, teacher/EMA rules."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_config import TINY
+
+from dinov2.config import load_config
+from dinov2.data import build_train_loader
+from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.meta_arch import SSLMetaArch
+from dinov2.train.metrics import read_metrics
+from dinov2.train.trainer import NonFiniteLossError, train
+
+CLI = [sys.executable, "-m", "dinov2.train.cli", "--config", "train/demo"]
+LOSS_KEYS = ("loss", "dino", "ibot", "koleo", "grad_norm", "teacher_entropy")
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # the same thread count in every run: identical float sums
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _model_state(cfg, ckpt: Path) -> dict[str, torch.Tensor]:
+    model = SSLMetaArch(cfg)
+    CheckpointManager(ckpt.parent).load(ckpt, model, None)
+    return model.state_dict()
+
+
+def test_exact_resume_after_kill(tmp_path):
+    common = TINY + [
+        "data.batch_size_per_gpu=24",  # slow enough per step that the kill lands mid-run
+        "train.max_iterations=12",
+        "train.checkpoint_every=4",
+        "train.export_teacher=false",
+        "eval.final_knn=false",
+        "model.drop_path_rate=0.2",  # stochastic depth draws must resume too
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run(CLI + common + [f"train.output_dir={straight}"], check=True, env=_env(), capture_output=True)
+
+    proc = subprocess.Popen(CLI + common + [f"train.output_dir={resumed}"], env=_env(), stderr=subprocess.DEVNULL)
+    first = resumed / "checkpoints" / "ckpt_00000004" / "meta.json"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -9, "the run finished before it could be killed"
+    assert not (resumed / "checkpoints" / "ckpt_00000012").exists()
+    subprocess.run(CLI + common + [f"train.output_dir={resumed}"], check=True, env=_env(), capture_output=True)
+
+    cfg = load_config("train/demo", common)
+    a = _model_state(cfg, straight / "checkpoints" / "ckpt_00000012")
+    b = _model_state(cfg, resumed / "checkpoints" / "ckpt_00000012")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log_a, log_b = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [r["iteration"] for r in log_a] == [r["iteration"] for r in log_b] == list(range(12))
+    for ra, rb in zip(log_a, log_b, strict=True):
+        assert {k: ra[k] for k in LOSS_KEYS} == {k: rb[k] for k in LOSS_KEYS}, ra["iteration"]
+
+
+def _sha(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(directory.rglob("*")):
+        if f.is_file():
+            digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    base = TINY + [f"train.output_dir={tmp_path}", "train.checkpoint_every=2", "eval.final_knn=false"]
+    train(load_config("train/demo", base + ["train.max_iterations=4", "train.export_teacher=false"]))
+    good = tmp_path / "checkpoints" / "ckpt_00000004"
+    before = _sha(good)
+    exploding = load_config("train/demo", base + ["train.max_iterations=8", "optim.base_lr=1e30"])
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is kept"):
+        train(exploding)
+    assert CheckpointManager(tmp_path / "checkpoints").latest() == good
+    assert _sha(good) == before
+    assert not (tmp_path / "teacher_backbone.safetensors").exists()
+
+
+def _write_images(folder: Path, n_good: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n_good):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"good_{i}.png")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    bad = [folder / "truncated.jpg", folder / "garbage.jpg", folder / "empty.png"]
+    bad[0].write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    bad[1].write_bytes(b"this is not an image" * 10)
+    bad[2].write_bytes(b"")
+    return bad
+
+
+def test_folder_with_corrupt_files_trains_and_reports(tmp_path, caplog):
+    bad = _write_images(tmp_path / "images", n_good=13)
+    cfg = load_config(
+        "train/demo",
+        TINY
+        + [
+            "data.dataset.kind=folder",
+            f"data.dataset.path={tmp_path / 'images'}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_iterations=3",
+            "eval.final_knn=false",
+        ],
+    )
+    with caplog.at_level(logging.WARNING):
+        result = train(cfg)
+    assert result.iterations == 3
+    assert result.num_skipped >= 3  # 24 samples drawn from 16 files: every bad file at least once
+    for path in bad:
+        assert sum(str(path) in r.getMessage() for r in caplog.records) == 1  # reported once per path
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["num_skipped"] == result.num_skipped
+
+
+def test_missing_dataset_path_is_a_one_line_error(tmp_path):
+    cfg = load_config(
+        "train/demo",
+        TINY + ["data.dataset.kind=folder", f"data.dataset.path={tmp_path / 'nope'}", f"train.output_dir={tmp_path}"],
+    )
+    with pytest.raises(FileNotFoundError, match="data.dataset.path"):
+        train(cfg)
+
+
+def test_teacher_starts_equal_gets_no_grad_and_follows_ema():
+    cfg = load_config("train/demo", TINY)
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg).train()
+    for (ns, ps), (nt, pt) in zip(model.student.named_parameters(), model.teacher.named_parameters(), strict=True):
+        assert ns == nt and torch.equal(ps, pt) and not pt.requires_grad
+    batch = next(iter(build_train_loader(cfg.data, cfg.model.patch_size)))
+    step = model(batch, teacher_temp=0.04)
+    assert set(step.parts) >= {"dino", "ibot", "koleo", "loss"}
+    step.loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    before_t = [p.detach().clone() for p in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    student = [p.detach().clone() for p in model.student.parameters()]
+    model.update_teacher(0.9)
+    for t0, s, t1 in zip(before_t, student, model.teacher.parameters(), strict=True):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * s, atol=1e-6)
