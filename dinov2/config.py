@@ -168,6 +168,7 @@ class DistillConfig:
     teacher_format: str = "auto"  # auto | ours | timm | hf
     teacher_model: ModelConfig = field(default_factory=ModelConfig)
     student_ema_momentum: float = 0.999
+    head_seed: int = 0  # backbone-only teachers: seed of the made (random, frozen) teacher heads
 
 
 @dataclass

@@ -9,7 +9,7 @@ An export is a directory holding
 
 :func:`load_backbone` accepts the weights file or the directory (which must then hold one weights
 file, or one whose name starts with ``teacher``). It also tolerates the state dict of a wrapper:
-nested under ``teacher_backbone`` / ``backbone`` / ``teacher`` / ``model`` / ``state_dict``, keys
+nested under a ``state_dict`` / ``model`` / ``backbone`` / ``teacher`` … entry (``dinov2.interop``), keys
 prefixed ``backbone.`` (only those are kept), or ``module.`` / ``_orig_mod.`` prefixes from DDP and
 ``torch.compile``. :func:`save_backbone` writes the format.
 """
@@ -25,7 +25,6 @@ from torch import Tensor
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 CONFIG_NAME = "config.yaml"
-_NESTED_KEYS = ("teacher_backbone", "backbone", "teacher", "model", "state_dict")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -69,20 +68,9 @@ def find_weights(path: str | os.PathLike) -> Path:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """The backbone state dict stored in ``path`` (see the module docstring for what is unwrapped)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from dinov2.interop import read_state_dict as read_weights
 
-        state: Any = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    while isinstance(state, dict) and not all(isinstance(v, Tensor) for v in state.values()):
-        nested = next((state[k] for k in _NESTED_KEYS if isinstance(state.get(k), dict)), None)
-        if nested is None:
-            raise ValueError(f"{path} holds no backbone state dict (top-level keys: {', '.join(map(str, state))})")
-        state = nested
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    state = read_weights(path)
     for prefix in _WRAPPER_PREFIXES:
         state = {k.removeprefix(prefix): v for k, v in state.items()}
     if any(k.startswith("backbone.") for k in state):

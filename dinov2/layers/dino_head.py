@@ -30,9 +30,13 @@ class DINOHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        # std 1/sqrt(fan_in) (truncated at 2 std): about the reference 0.02 at ViT-L/g widths, but it keeps
+        # the features' spread through the head for narrow backbones, where 0.02 squeezes every sample
+        # onto nearly one bottleneck direction (GELU's even part dominates tiny pre-activations).
         for m in self.mlp:
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                std = m.in_features**-0.5
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
                 nn.init.zeros_(m.bias)
         weight = self.last_layer.parametrizations.weight
         nn.init.trunc_normal_(weight.original1, std=0.02)  # direction v

@@ -119,7 +119,13 @@ class CheckpointManager:
         _barrier()
         return final
 
-    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> ResumeState:
+    def load(
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        restore_rng: bool = True,
+    ) -> ResumeState:
         path = Path(path)
         meta = json.loads((path / "meta.json").read_text())
         state = {"model": get_model_state_dict(model)}
@@ -131,7 +137,9 @@ class CheckpointManager:
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, state["optimizer"])
         rng_file = path / f"rng_rank{_rank()}.pt"
-        if meta["world_size"] == _world() and rng_file.is_file():
+        if not restore_rng:
+            pass
+        elif meta["world_size"] == _world() and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         else:
             logger.warning(

@@ -1,4 +1,6 @@
-"""Export a backbone as plain weights (safetensors), loadable without our code or pickle."""
+"""Export a backbone as plain weights (safetensors), loadable without our code or pickle.
+
+Read them back with :func:`dinov2.eval.backbone_io.load_backbone` (weights + the run's config.yaml)."""
 
 from __future__ import annotations
 
@@ -28,15 +30,3 @@ def export_backbone(backbone: nn.Module, path: str | Path, env: DistEnv) -> Path
         save_file(state, str(tmp), metadata={"format": "dinov2-train backbone"})
         tmp.replace(path)
     return path
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load weights written by :func:`export_backbone` (or a ``.pt`` state dict, read weights-only)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    backbone.load_state_dict(state)

@@ -56,6 +56,8 @@ class StepOutput:
 
 
 class SSLMetaArch(nn.Module):
+    export_filename = "teacher_backbone.safetensors"
+
     def __init__(self, cfg: Config, teacher: Network | None = None) -> None:
         super().__init__()
         loss_cfg: LossConfig = cfg.loss
@@ -149,15 +151,27 @@ class SSLMetaArch(nn.Module):
         return StepOutput(loss, parts)
 
     # ----------------------------------------------------------------------------------------- EMA
-    @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher ← m · teacher + (1 − m) · student, on local shards when sharded (FSDP2)."""
-        if not self.ema_teacher:
-            return
-        teacher = [_local(p) for p in self.teacher.parameters()]
-        student = [_local(p) for p in self.student.parameters()]
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        """teacher ← m · teacher + (1 − m) · student (self-distillation only)."""
+        if self.ema_teacher:
+            ema_update(self.teacher, self.student, momentum)
+
+    def networks(self) -> dict[str, Network]:
+        """Every backbone+heads unit, for sharding: trained, EMA-averaged or frozen alike."""
+        return {"student": self.student, "teacher": self.teacher}
+
+    def exported_backbone(self) -> DinoVisionTransformer:
+        """The backbone a finished run exports and evaluates: the EMA teacher."""
+        return self.teacher.backbone
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target ← m · target + (1 − m) · source, parameter by parameter, on local shards under FSDP2."""
+    dst = [_local(p) for p in target.parameters()]
+    src = [_local(p) for p in source.parameters()]
+    torch._foreach_mul_(dst, momentum)
+    torch._foreach_add_(dst, src, alpha=1.0 - momentum)
 
 
 def _local(t: Tensor) -> Tensor:

@@ -1,0 +1,1 @@
+"""Distillation from a frozen teacher (see ``dinov2.distill.meta_arch``)."""

@@ -1,0 +1,131 @@
+"""Distillation: train a student against a frozen teacher with the self-supervised losses.
+
+The teacher (backbone + DINO head [+ iBOT head]) is loaded once and never changes: no gradients, no
+EMA, eval mode. The student is trained with exactly the DINO + iBOT + KoLeo losses of
+:class:`~dinov2.train.meta_arch.SSLMetaArch` against the teacher's centred outputs (same code, the
+teacher is simply passed in), and an EMA of the student is kept and exported as the final model.
+
+Where the teacher comes from (``distill.teacher_checkpoint``):
+
+- a training run of ours (its output directory or one ``ckpt_*`` directory): the EMA teacher's
+  backbone **and heads** are restored from the DCP checkpoint;
+- backbone-only weights (our ``*.safetensors`` export, timm ``vit_*_patch14_dinov2`` or HF
+  ``Dinov2Model`` layouts): the teacher heads are **made** — randomly initialised from
+  ``distill.head_seed`` with the student's head sizes, then frozen. A frozen random head is a fixed
+  random projection of the teacher's features onto the prototypes; Sinkhorn-Knopp centering turns it
+  into balanced soft assignments, so the student still learns the teacher's similarity structure
+  (tested in ``tests/test_distill.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinov2.config import Config
+from dinov2.train.meta_arch import Network, SSLMetaArch, build_heads, ema_update
+
+logger = logging.getLogger(__name__)
+
+
+class DistillMetaArch(SSLMetaArch):
+    export_filename = "student_backbone.safetensors"
+
+    def __init__(self, cfg: Config, teacher: Network) -> None:
+        super().__init__(cfg, teacher=teacher)
+        if teacher.backbone.patch_size != self.student.backbone.patch_size:
+            raise ValueError(
+                f"teacher patch size {teacher.backbone.patch_size} != student patch size "
+                f"{self.student.backbone.patch_size}: iBOT needs the same patch grid (set model.patch_size)"
+            )
+        self.student_ema = copy.deepcopy(self.student)
+        self.student_ema.requires_grad_(False)
+        self.student_ema.eval()
+        self.ema_momentum = cfg.distill.student_ema_momentum
+
+    def train(self, mode: bool = True) -> DistillMetaArch:
+        super().train(mode)
+        self.student_ema.eval()
+        return self
+
+    def update_teacher(self, momentum: float) -> None:
+        """The teacher is frozen; the student's EMA moves instead (fixed ``distill.student_ema_momentum``)."""
+        ema_update(self.student_ema, self.student, self.ema_momentum)
+
+    def networks(self) -> dict[str, Network]:
+        return {"student": self.student, "teacher": self.teacher, "student_ema": self.student_ema}
+
+    def exported_backbone(self) -> nn.Module:
+        return self.student_ema.backbone
+
+
+def _teacher_config(cfg: Config) -> Config:
+    """The teacher's full config: the student's, with ``model`` replaced by ``distill.teacher_model``."""
+    teacher_cfg = copy.deepcopy(cfg)
+    teacher_cfg.model = copy.deepcopy(cfg.distill.teacher_model)
+    teacher_cfg.model.drop_path_rate = 0.0
+    return teacher_cfg
+
+
+def _find_run_checkpoint(path: Path) -> Path | None:
+    """A DCP checkpoint directory of ours at or under ``path`` (the newest), or None."""
+    from dinov2.train.checkpoint import CheckpointManager
+
+    if (path / "meta.json").is_file() and path.name.startswith("ckpt_"):
+        return path
+    for candidate in (path / "checkpoints", path):
+        latest = CheckpointManager(candidate).latest() if candidate.is_dir() else None
+        if latest is not None:
+            return latest
+    return None
+
+
+def load_teacher(cfg: Config) -> Network:
+    """The frozen teacher network described by ``cfg.distill`` (see the module docstring)."""
+    source = Path(cfg.distill.teacher_checkpoint)
+    if not str(cfg.distill.teacher_checkpoint) or not source.exists():
+        raise FileNotFoundError(
+            f"distill.teacher_checkpoint='{cfg.distill.teacher_checkpoint}' does not exist "
+            "(give a training run directory, a ckpt_* directory or a backbone weights file)"
+        )
+    teacher_cfg = _teacher_config(cfg)
+    run_ckpt = _find_run_checkpoint(source) if source.is_dir() else None
+    if run_ckpt is not None:
+        from dinov2.config import load_config
+        from dinov2.train.checkpoint import CheckpointManager
+
+        # rebuild the teacher's own training meta-arch (from the run's config.yaml) and restore it
+        run_config = run_ckpt.parent.parent / "config.yaml"
+        if run_config.is_file():
+            teacher_cfg = load_config(run_config)
+        if teacher_cfg.dino_head.out_dim != cfg.dino_head.out_dim:
+            raise ValueError(
+                f"the teacher run has {teacher_cfg.dino_head.out_dim} prototypes but dino_head.out_dim is "
+                f"{cfg.dino_head.out_dim}: the student's heads must have the teacher's number of prototypes"
+            )
+        donor = SSLMetaArch(teacher_cfg)
+        CheckpointManager(run_ckpt.parent).load(run_ckpt, donor, None, restore_rng=False)
+        logger.info("distillation teacher: backbone and heads from %s", run_ckpt)
+        teacher = donor.teacher
+    else:
+        from dinov2.interop import load_pretrained_backbone
+
+        backbone = load_pretrained_backbone(source, layout=cfg.distill.teacher_format, model_cfg=teacher_cfg.model)
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(cfg.distill.head_seed)
+        heads = build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, cfg.loss.ibot_separate_head)
+        torch.set_rng_state(generator_state)
+        logger.info(
+            "distillation teacher: backbone from %s, heads made (seed %d) and frozen", source, cfg.distill.head_seed
+        )
+        teacher = Network(backbone, heads)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def build_distill_meta_arch(cfg: Config) -> DistillMetaArch:
+    return DistillMetaArch(cfg, load_teacher(cfg))
