@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,37 @@ def shared_data() -> Path:
             raise RuntimeError(f"shared data not found at {SHARED_DATA}")
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@dataclass
+class PretrainedRun:
+    run_dir: Path  # holds config.yaml, teacher_backbone.safetensors, checkpoints/, metrics.jsonl
+    knn: dict[int, float]  # k-NN top-1 (%) of the trained teacher on the cifar10-small test split
+    random_knn: dict[int, float]  # the same for the randomly initialised network
+
+
+def cifar_small_overrides(shared_data: Path) -> list[str]:
+    return [
+        f"data.dataset.path={shared_data / 'cifar10'}",
+        f"data.dataset.subset_path={shared_data / 'cifar10-small'}/{{split}}_idx.npy",
+    ]
+
+
+@pytest.fixture(scope="session")
+def cifar_pretrained(shared_data, tmp_path_factory) -> PretrainedRun:
+    """A small ViT pretrained by the trainer on cifar10-small for a few CPU minutes (session-wide, so the
+    learning, distillation and curation tests share one run)."""
+    from dinov2.config import load_config
+    from dinov2.models import build_backbone
+    from dinov2.train.final_eval import knn_of_backbone
+    from dinov2.train.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("cifar_pretrained")
+    cfg = load_config(
+        REPO / "tests" / "configs" / "cifar10_small_cpu.yaml",
+        cifar_small_overrides(shared_data) + [f"train.output_dir={run_dir}", "train.progress=false"],
+    )
+    torch.manual_seed(cfg.train.seed)
+    random_knn = knn_of_backbone(build_backbone(cfg.model), cfg, torch.device("cpu"))
+    result = train(cfg)
+    return PretrainedRun(run_dir, result.knn, random_knn)
