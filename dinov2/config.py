@@ -109,6 +109,7 @@ class DataConfig:
     batch_size_per_gpu: int = 64
     num_workers: int = 8
     pin_memory: bool = True
+    pipeline: str = "cpu"  # cpu | gpu
 
 
 # --------------------------------------------------------------------------------------------- loss

@@ -1,0 +1,113 @@
+"""The benchmarks' CI versions (``--device cpu --tiny``) run and print their tables, so they don't rot;
+the analytic FLOP count behind MFU equals torch's flop counter on the real step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from tiny_config import TINY_MODEL
+
+
+@pytest.fixture
+def bench_common(monkeypatch):
+    """The ``benchmarks`` package, importable from the repository root."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import benchmarks.common
+
+    return benchmarks.common
+
+
+def test_throughput_tiny_cpu_prints_the_table(tmp_path, bench_common):
+    """Run as a user runs it (a file, in its own process) and read its table back."""
+    md = tmp_path / "BENCH.md"
+    md.write_text("# Benchmarks\n\nkept text\n")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu", "--tiny",
+         "--markdown", str(md), "--json", str(tmp_path / "rows.json")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "flop_counter/analytic 1.0000" in out.stdout  # the analytic FLOPs are torch's count
+    rows = bench_common.parse_table(out.stdout.split("\n\n")[-1])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["model"].startswith("tiny") and row["batch"] == "4" and row["compile"] == "off"
+    for column in ("img/s", "MFU %", "baseline img/s", "ratio"):
+        assert float(row[column]) > 0, column
+    assert row["peak GiB"] == "-"  # no device memory on the CPU
+    text = md.read_text()
+    assert "kept text" in text and "<!-- throughput-tiny:begin -->" in text and "not a performance claim" in text
+    assert (tmp_path / "rows.json").is_file()
+
+
+def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench_common, shared_data):
+    from benchmarks import cifar10_knn
+
+    md = tmp_path / "BENCH.md"
+    result = cifar10_knn.main(
+        ["--device", "cpu", "--tiny", "--data", str(shared_data / "cifar10"), "--budget-min", "0.08",
+         "--output-dir", str(tmp_path / "out"), "--markdown", str(md)]
+    )  # fmt: skip
+    row = result["row"]
+    assert row["steps"] > 0 and row["epochs"] > 0 and row["img/s"] > 0
+    assert 0.0 <= row["k-NN top-1 (k=20)"] <= 100.0
+    assert len(result["curve"]) == 2 and len(result["losses"]) == row["steps"]
+    assert all(np.isfinite(result["losses"]))
+    assert (tmp_path / "out" / "cifar10_knn.json").is_file()
+    for plot in result["plots"]:
+        assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
+    text = md.read_text()
+    assert "<!-- cifar10-tiny:begin -->" in text and "k-NN top-1 (k=20)" in text
+    if result["plots"]:
+        assert "](out/cifar10_knn.png)" in text
+    again = cifar10_knn.main(["--from-json", str(tmp_path / "out" / "cifar10_knn.json"), "--output-dir", str(tmp_path)])
+    assert again["row"] == row  # a saved run (e.g. from the GPU machine) is reported the same way
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # vits14 recipe: shared head, efficient stochastic depth
+        ["model.ffn_layer=swiglu", "model.num_register_tokens=2", "loss.ibot_separate_head=true"],
+        ["model.drop_path_mode=classic", "model.drop_path_rate=0.3", "data.crops.local_crops_number=0"],
+    ],
+)
+def test_analytic_step_flops_equal_the_flop_counter(bench_common, overrides):
+    from dinov2.config import load_config
+    from dinov2.data.gpu_augmentations import batch_masks
+    from dinov2.train.meta_arch import SSLMetaArch
+
+    cfg = load_config(
+        "train/vits14",
+        TINY_MODEL + ["model.drop_path_rate=0.4", "data.crops.global_crops_size=16", "data.crops.local_crops_size=8"]
+        + overrides,
+    )  # fmt: skip
+    b = 5
+    masks = batch_masks(2 * b, (4, 4), cfg.data.masks, np.random.default_rng(0))
+    n_local = cfg.data.crops.local_crops_number
+    batch = {"global_crops": torch.randn(2 * b, 3, 16, 16), "local_crops": torch.randn(n_local * b, 3, 8, 8), **masks}
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg).train()
+
+    def step():
+        model(batch, teacher_temp=0.07).loss.backward()
+
+    assert bench_common.count_flops(step) == bench_common.ssl_step_flops(cfg, b, masks["n_masked_patches"])
+
+
+def test_markdown_sections_are_replaced_in_place(tmp_path, bench_common):
+    md = tmp_path / "doc.md"
+    md.write_text("intro\n\n<!-- t:begin -->\nold\n<!-- t:end -->\n\noutro\n")
+    bench_common.update_markdown(md, "t", "new table")
+    bench_common.update_markdown(md, "u", "another")
+    text = md.read_text()
+    assert "old" not in text and "new table" in text and text.index("intro") < text.index("new") < text.index("outro")
+    assert text.rstrip().endswith("<!-- u:end -->")
+    table = bench_common.format_table(["a", "b"], [[1, 2.345], [None, 12345.0]])
+    assert bench_common.parse_table(table) == [{"a": "1", "b": "2.35"}, {"a": "-", "b": "12345"}]
