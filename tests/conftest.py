@@ -64,3 +64,32 @@ def cifar_pretrained(shared_data, tmp_path_factory) -> PretrainedRun:
     random_knn = knn_of_backbone(build_backbone(cfg.model), cfg, torch.device("cpu"))
     result = train(cfg)
     return PretrainedRun(run_dir, result.knn, random_knn)
+
+
+# ------------------------------------------------------------------------------------------- SLURM
+# One real one-node SLURM cluster (munged + slurmctld + slurmd, tests/slurm_cluster.py) for the whole
+# session, started on first use and stopped at the end. Needs root; installs the Debian packages
+# (tools/install_slurm.sh) when they are missing. Without root: skip; under CI=true: fail instead.
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    import shutil
+    import subprocess
+
+    from slurm_cluster import SlurmCluster, SlurmUnavailable, missing_programs
+
+    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    if os.geteuid() != 0 and not ci:
+        pytest.skip("starting slurmctld/slurmd/munged needs root (CI=true makes this a failure)")
+    if missing_programs() and os.geteuid() == 0:
+        subprocess.run(["bash", str(REPO / "tools" / "install_slurm.sh")], check=False, timeout=600)
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except SlurmUnavailable as e:
+        shutil.rmtree(cluster.root, ignore_errors=True)
+        if ci:
+            pytest.fail(f"CI=true but the SLURM cluster cannot start: {e}")
+        pytest.skip(f"no SLURM cluster: {e}")
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(cluster.root, ignore_errors=True)

@@ -1,9 +1,20 @@
-"""Apply activation checkpointing → ``torch.compile`` → FSDP2 ``fully_shard`` in one place.
+"""Activation checkpointing → per-block ``torch.compile`` → FSDP2 ``fully_shard``, in one function.
 
-For the student and the teacher alike: each transformer block is (optionally) wrapped for activation
-checkpointing, (optionally) compiled, then sharded; then the backbone and each head are sharded as
-their own units. Mixed precision follows ``distributed.param_dtype`` / ``reduce_dtype``. The teacher
-is sharded exactly like the student so that the EMA update is a local operation on shards.
+:func:`parallelize` prepares the student and the teacher of a meta-architecture in place:
+
+1. activation checkpointing on the student's blocks (``full``: every block; ``selective``: every
+   second block — half the recomputation for about half the saving; the teacher never needs it);
+2. ``torch.compile`` of each block (student and teacher) when ``distributed.compile``;
+3. ``fully_shard`` of each block, then of the backbone and each head, then of the network (the root),
+   for the student and the teacher alike, with a :class:`MixedPrecisionPolicy` from
+   ``distributed.param_dtype`` / ``reduce_dtype`` (bf16 parameters, fp32 gradient reduction by
+   default). Sharding applies when ``distributed.fsdp`` or more than one process.
+
+Because the teacher is sharded exactly like the student, their local shards line up one to one and
+the EMA update is a local ``torch._foreach`` over shards (``SSLMetaArch.update_teacher``); the
+teacher is resharded after its no-grad forward (``SSLMetaArch.teacher_targets``).
+FSDP2 averages gradients over ranks in its reduce-scatter, so per-rank mean losses give the gradient
+of the global-batch mean. :func:`clip_grad_norm` clips by the norm over all shards of all ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from dinov2.config import DistributedConfig
 from dinov2.distributed.env import DistEnv
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+AC_MODES = ("none", "full", "selective")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -24,47 +36,71 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def wrap_blocks(backbone: nn.Module, activation_checkpointing: str, compile_blocks: bool) -> None:
-    """Activation checkpointing and per-block compilation, in place on ``backbone.blocks``."""
-    if activation_checkpointing not in ("none", "full", "selective"):
-        raise ValueError(f"unknown activation_checkpointing '{activation_checkpointing}'")
+def mixed_precision_policy(cfg: DistributedConfig) -> MixedPrecisionPolicy:
+    """FSDP2 policy: parameters all-gathered in ``param_dtype``, gradients reduced in ``reduce_dtype``."""
+    return MixedPrecisionPolicy(param_dtype=_dtype(cfg.param_dtype), reduce_dtype=_dtype(cfg.reduce_dtype))
+
+
+def should_shard(cfg: DistributedConfig, env: DistEnv) -> bool:
+    return cfg.fsdp or env.distributed
+
+
+def apply_activation_checkpointing(backbone: nn.Module, mode: str) -> None:
+    """Mark ``backbone.blocks`` for recomputation in backward (``Block.checkpoint_activations``)."""
+    if mode not in AC_MODES:
+        raise ValueError(f"unknown distributed.activation_checkpointing '{mode}' (choose from {', '.join(AC_MODES)})")
     for i, block in enumerate(backbone.blocks):
-        # "selective": every other block, trading half the recomputation for half the memory saving
-        block.checkpoint_activations = activation_checkpointing == "full" or (
-            activation_checkpointing == "selective" and i % 2 == 0
-        )
-        if compile_blocks:
-            block.compile()
+        block.checkpoint_activations = mode == "full" or (mode == "selective" and i % 2 == 0)
+
+
+def compile_blocks(backbone: nn.Module) -> None:
+    """``torch.compile`` each block in place (one graph per block, reused by every block's shape)."""
+    for block in backbone.blocks:
+        block.compile()
 
 
 def shard_network(network: nn.Module, policy: MixedPrecisionPolicy, reshard_after_forward: bool = True) -> None:
-    """``fully_shard`` every block, then the backbone, then each head."""
+    """``fully_shard`` every block, then every other child with parameters (backbone, heads), then
+    ``network`` itself as the root (which owns whatever parameters are left)."""
     for block in network.backbone.blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(network.backbone, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    for head in (network.dino_head, network.ibot_head):
-        if head is not None:
-            fully_shard(head, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for child in network.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(network, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
-def parallelize_meta_arch(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: torch.device) -> None:
-    """Wrap ``model.student`` and ``model.teacher`` in place (see the module docstring)."""
-    wrap_blocks(model.student.backbone, cfg.activation_checkpointing, cfg.compile)
-    wrap_blocks(model.teacher.backbone, "none", cfg.compile)
-    if not (cfg.fsdp or env.distributed):
+def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: torch.device | None = None) -> None:
+    """Prepare ``model.student`` and ``model.teacher`` in place (see the module docstring).
+
+    ``model`` must already be on its device; sharding needs a process group (``setup_distributed``
+    with ``always=cfg.fsdp``). ``device`` is accepted for symmetry with the trainer and unused.
+    """
+    apply_activation_checkpointing(model.student.backbone, cfg.activation_checkpointing)
+    apply_activation_checkpointing(model.teacher.backbone, "none")
+    if cfg.compile:
+        compile_blocks(model.student.backbone)
+        compile_blocks(model.teacher.backbone)
+    if not should_shard(cfg, env):
         return
-    policy = MixedPrecisionPolicy(param_dtype=_dtype(cfg.param_dtype), reduce_dtype=_dtype(cfg.reduce_dtype))
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            "FSDP needs a process group: create it with setup_distributed(..., always=cfg.distributed.fsdp)"
+        )
+    policy = mixed_precision_policy(cfg)
     shard_network(model.student, policy)
     shard_network(model.teacher, policy)
 
 
 def clip_grad_norm(module: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global gradient norm (over all shards), clipped to ``max_norm`` when ``max_norm > 0``."""
+    """The global L2 norm of the gradients of ``module`` (over all shards of all ranks); the gradients
+    are scaled down to ``max_norm`` when it is exceeded and ``max_norm > 0``. Returns the norm
+    before clipping, a plain (replicated) tensor."""
     params = [p for p in module.parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm, "full_tensor"):
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    if hasattr(norm, "full_tensor"):  # a DTensor with a pending (partial) reduction over ranks
         norm = norm.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -75,6 +76,26 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _drop_unsaved_optimizer_state(optimizer_state: dict, path: Path) -> list[str]:
+    """Forget the optimizer state of parameters the checkpoint has none for, in place.
+
+    Parameters that never had a gradient before the save (the prototype layer while it is frozen)
+    have no AdamW state in the checkpoint, but ``get_optimizer_state_dict`` creates one for every
+    parameter of a fresh optimizer; they must stay state-less, as in the run that saved. Returns
+    their names.
+    """
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    per_param = optimizer_state.get("state", {})
+    dropped = [
+        name
+        for name, fields in per_param.items()
+        if any(f"optimizer.state.{name}.{field}" not in saved for field in fields)
+    ]
+    for name in dropped:
+        del per_param[name]
+    return dropped
 
 
 class CheckpointManager:
@@ -131,11 +152,14 @@ class CheckpointManager:
         state = {"model": get_model_state_dict(model)}
         if optimizer is not None:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+            stateless = _drop_unsaved_optimizer_state(state["optimizer"], path)
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"])
         if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optimizer"])
+            # strict=False only lets the state-less parameters stay so (see _drop_unsaved_optimizer_state)
+            options = StateDictOptions(strict=not stateless)
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
         rng_file = path / f"rng_rank{_rank()}.pt"
         if not restore_rng:
             pass

@@ -19,8 +19,9 @@ import torch
 
 from dinov2.config import Config, to_yaml
 from dinov2.data import build_train_loader
-from dinov2.distributed.env import DistEnv, setup_distributed, shutdown_distributed
-from dinov2.distributed.parallelize import clip_grad_norm, parallelize_meta_arch
+from dinov2.distributed.env import DistEnv, distributed_session
+from dinov2.distributed.parallelize import clip_grad_norm, parallelize
+from dinov2.distributed.stop import StopRequest
 from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.export import export_backbone
 from dinov2.train.meta_arch import SSLMetaArch
@@ -43,6 +44,7 @@ class TrainResult:
     exported: Path | None = None
     knn: dict[int, float] | None = None
     num_skipped: int = 0
+    interrupted: bool = False  # stopped early on a StopRequest (a checkpoint was saved at `iterations`)
 
 
 def total_iterations(cfg: Config) -> int:
@@ -79,26 +81,26 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train(cfg: Config) -> TrainResult:
-    env = setup_distributed(cfg.distributed.backend)
-    try:
-        return _train(cfg, env)
-    finally:
-        shutdown_distributed(env)
+def train(cfg: Config, stop: StopRequest | None = None) -> TrainResult:
+    """Train (resuming from the newest checkpoint in the output dir). When ``stop`` is requested (e.g.
+    from a signal handler), all ranks save a checkpoint at the next iteration and return early."""
+    with distributed_session(cfg.distributed.backend, always=cfg.distributed.fsdp) as env:
+        return _train(cfg, env, stop)
 
 
-def _train(cfg: Config, env: DistEnv) -> TrainResult:
+def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
     device = resolve_device(cfg.train.device, env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.manual_seed(cfg.train.seed * 1000 + env.rank)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
 
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank: FSDP shards them as they are
     model = build_meta_arch(cfg, device)
-    parallelize_meta_arch(model, cfg.distributed, env, device)
+    parallelize(model, cfg.distributed, env, device)
+    torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank stream for stochastic depth
     groups = param_groups(
         model.student,
         depth=model.student.backbone.num_layers(),
@@ -157,7 +159,8 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             pending.append((it, step.parts, values.lr, values.teacher_temp))
 
             done = it + 1
-            save_now = done % cfg.train.checkpoint_every == 0 or done == total
+            stopping = stop is not None and done < total and stop.agreed(done, device)
+            save_now = done % cfg.train.checkpoint_every == 0 or done == total or stopping
             if done % cfg.train.log_every == 0 or save_now:
                 elapsed = time.perf_counter() - tick
                 images_per_s = len(pending) * global_batch / max(elapsed, 1e-9)
@@ -171,19 +174,26 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             if save_now:
                 checkpoints.save(done, model, optimizer, sample_position=done * global_batch)
             result.iterations = done
+            if stopping:
+                result.interrupted = True
+                break
     finally:
         if progress is not None:
             progress.close()
         metrics.close()
     result.num_skipped = loader.num_skipped
+    if result.interrupted:
+        if env.is_main:
+            logger.warning("stopped at iteration %d (%s); checkpoint saved", result.iterations, stop.reason)
+        return result
     if env.is_main and loader.num_skipped:
         logger.warning("%d undecodable images were skipped (see the warnings above for paths)", loader.num_skipped)
     if cfg.train.export_teacher:
-        result.exported = export_backbone(model.teacher.backbone, output_dir / "teacher_backbone.safetensors", env)
+        result.exported = export_backbone(model.exported_backbone(), output_dir / model.export_filename, env)
     if cfg.eval.final_knn:
         from dinov2.train.final_eval import knn_of_backbone
 
-        result.knn = knn_of_backbone(model.teacher.backbone, cfg, device)
+        result.knn = knn_of_backbone(model.exported_backbone(), cfg, device)
     return result
 
 

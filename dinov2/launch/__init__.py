@@ -1,0 +1,1 @@
+"""Job launchers: ``dinov2-submit`` (SLURM through submitit, with checkpoint-and-requeue)."""
