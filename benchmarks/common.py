@@ -216,50 +216,17 @@ def ssl_step_flops(cfg: Any, batch_size: int, n_masked: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ the train step
-def make_optimizer(model: Any, cfg: Any, device: torch.device) -> tuple[torch.optim.Optimizer, list[Tensor]]:
-    """The trainer's AdamW over the student's parameter groups, and the prototype-layer parameters."""
-    from dinov2.train.optim import build_optimizer, param_groups
+def make_optimizer(model: Any, cfg: Any, device: torch.device):
+    from dinov2.train.trainer import make_optimizer as trainer_make_optimizer
 
-    groups = param_groups(
-        model.student,
-        depth=model.student.backbone.num_layers(),
-        layerwise_decay=cfg.optim.layerwise_decay,
-        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
-    )
-    optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), cfg.optim.fused, device)
-    last_layer = [p for g in optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
-    return optimizer, last_layer
+    return trainer_make_optimizer(model, cfg, device)
 
 
-def train_step(
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    batch: dict[str, Any],
-    values: Any,
-    cfg: Any,
-    last_layer_params: Sequence[Tensor],
-    device: torch.device,
-) -> dict[str, Tensor]:
-    """One iteration exactly as ``dinov2.train.trainer`` runs it: schedule values → forward under the
-    trainer's autocast → backward → last-layer freeze → global-norm clip → AdamW → EMA teacher.
-    Returns the detached loss terms (no host sync). (Meant to move into the trainer as its step.)"""
-    from dinov2.distributed.parallelize import clip_grad_norm
-    from dinov2.train.optim import apply_schedule
-    from dinov2.train.trainer import autocast_context
+def train_step(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+    """The trainer's own iteration (``dinov2.train.trainer.train_step``)."""
+    from dinov2.train.trainer import train_step as trainer_train_step
 
-    apply_schedule(optimizer, values.lr, values.weight_decay)
-    with autocast_context(cfg, device):
-        step = model(batch, teacher_temp=values.teacher_temp)
-    step.loss.backward()
-    if values.freeze_last_layer:
-        for p in last_layer_params:
-            p.grad = None
-    grad_norm = clip_grad_norm(model.student, cfg.optim.clip_grad)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.update_teacher(values.momentum)
-    step.parts["grad_norm"] = grad_norm
-    return step.parts
+    return trainer_train_step(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ tables

@@ -77,10 +77,9 @@ def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: 
     with ``always=cfg.fsdp``). ``device`` is accepted for symmetry with the trainer and unused.
     """
     apply_activation_checkpointing(model.student.backbone, cfg.activation_checkpointing)
-    apply_activation_checkpointing(model.teacher.backbone, "none")
     if cfg.compile:
-        compile_blocks(model.student.backbone)
-        compile_blocks(model.teacher.backbone)
+        for network in model.networks().values():
+            compile_blocks(network.backbone)
     if not should_shard(cfg, env):
         return
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -88,8 +87,8 @@ def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: 
             "FSDP needs a process group: create it with setup_distributed(..., always=cfg.distributed.fsdp)"
         )
     policy = mixed_precision_policy(cfg)
-    shard_network(model.student, policy)
-    shard_network(model.teacher, policy)
+    for network in model.networks().values():  # student, teacher (+ the student EMA when distilling)
+        shard_network(network, policy)
 
 
 def clip_grad_norm(module: nn.Module, max_norm: float) -> torch.Tensor:

@@ -57,7 +57,8 @@ __all__ = [
 LAYOUTS = ("ours", "timm", "hf")
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+\.)")  # original dinov2 BlockChunk: blocks.{chunk}.{i}.
-_WRAPPER_KEYS = ("state_dict", "model", "teacher_backbone", "backbone", "teacher", "module")  # checkpoint dicts holding a state dict
+# checkpoint dicts holding a state dict
+_WRAPPER_KEYS = ("state_dict", "model", "teacher_backbone", "backbone", "teacher", "module")
 
 
 def _plain(state: Mapping[str, Any]) -> StateDict:

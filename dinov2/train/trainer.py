@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dinov2.config import Config, to_yaml
+from dinov2.config import Config, ConfigError, to_yaml
 from dinov2.data import build_train_loader
 from dinov2.distributed.env import DistEnv, distributed_session
 from dinov2.distributed.parallelize import clip_grad_norm, parallelize
@@ -27,7 +27,7 @@ from dinov2.train.export import export_backbone
 from dinov2.train.meta_arch import SSLMetaArch
 from dinov2.train.metrics import MetricsWriter
 from dinov2.train.optim import apply_schedule, build_optimizer, param_groups
-from dinov2.train.schedules import Schedules
+from dinov2.train.schedules import Schedules, ScheduleValues
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,64 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def make_optimizer(model: SSLMetaArch, cfg: Config, device: torch.device):
+    """AdamW over the student's parameter groups, and the prototype-layer parameters (frozen early)."""
+    groups = param_groups(
+        model.student,
+        depth=model.student.backbone.num_layers(),
+        layerwise_decay=cfg.optim.layerwise_decay,
+        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+    )
+    optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), cfg.optim.fused, device)
+    last_layer_params = [p for g in optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
+    return optimizer, last_layer_params
+
+
+def train_step(
+    model: SSLMetaArch,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    values: ScheduleValues,
+    cfg: Config,
+    last_layer_params: list[torch.Tensor],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """One iteration: schedules → forward (autocast on GPU) → backward → last-layer freeze → global-norm
+    clipping → AdamW → EMA. Returns the detached loss terms (no host synchronisation)."""
+    apply_schedule(optimizer, values.lr, values.weight_decay)
+    with autocast_context(cfg, device):
+        step = model(batch, teacher_temp=values.teacher_temp)
+    step.loss.backward()
+    if values.freeze_last_layer:
+        for p in last_layer_params:
+            p.grad = None
+    grad_norm = clip_grad_norm(model.student, cfg.optim.clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_teacher(values.momentum)
+    step.parts["grad_norm"] = grad_norm
+    return step.parts
+
+
+def build_loader(cfg: Config, env: DistEnv, device: torch.device, start_iteration: int):
+    """The training batches of this rank: PIL/torchvision workers (``data.pipeline=cpu``) or batched
+    augmentation of a decoded uint8 dataset on the device (``data.pipeline=gpu``)."""
+    common = dict(
+        patch_size=cfg.model.patch_size,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        start_iteration=start_iteration,
+    )
+    if cfg.data.pipeline == "cpu":
+        return build_train_loader(cfg.data, **common)
+    if cfg.data.pipeline == "gpu":
+        from dinov2.data.gpu_augmentations import build_gpu_train_loader
+
+        return build_gpu_train_loader(cfg.data, device=device, **common)
+    raise ConfigError(f"unknown data.pipeline '{cfg.data.pipeline}' (expected cpu or gpu)")
+
+
 def train(cfg: Config, stop: StopRequest | None = None) -> TrainResult:
     """Train (resuming from the newest checkpoint in the output dir). When ``stop`` is requested (e.g.
     from a signal handler), all ranks save a checkpoint at the next iteration and return early."""
@@ -101,15 +159,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
     model = build_meta_arch(cfg, device)
     parallelize(model, cfg.distributed, env, device)
     torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank stream for stochastic depth
-    groups = param_groups(
-        model.student,
-        depth=model.student.backbone.num_layers(),
-        layerwise_decay=cfg.optim.layerwise_decay,
-        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
-    )
-    optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), cfg.optim.fused, device)
-    last_layer_params = [p for g in optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
-
+    optimizer, last_layer_params = make_optimizer(model, cfg, device)
     global_batch = cfg.data.batch_size_per_gpu * env.world_size
     total = total_iterations(cfg)
     schedules = Schedules.from_config(cfg, global_batch, total)
@@ -125,14 +175,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         if env.is_main:
             logger.info("resumed from %s at iteration %d", latest, start)
 
-    loader = build_train_loader(
-        cfg.data,
-        patch_size=cfg.model.patch_size,
-        seed=cfg.train.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-        start_iteration=start,
-    )
+    loader = build_loader(cfg, env, device, start)
     metrics = MetricsWriter(output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
     result = TrainResult(output_dir=output_dir, iterations=start)
     progress = _progress_bar(cfg, env, start, total)
@@ -143,20 +186,9 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
     try:
         for it in range(start, total):
             values = schedules.at(it)
-            apply_schedule(optimizer, values.lr, values.weight_decay)
             batch = _to_device(next(batches), device)
-            with autocast_context(cfg, device):
-                step = model(batch, teacher_temp=values.teacher_temp)
-            step.loss.backward()
-            if values.freeze_last_layer:
-                for p in last_layer_params:
-                    p.grad = None
-            grad_norm = clip_grad_norm(model.student, cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_teacher(values.momentum)
-            step.parts["grad_norm"] = grad_norm
-            pending.append((it, step.parts, values.lr, values.teacher_temp))
+            parts = train_step(model, optimizer, batch, values, cfg, last_layer_params, device)
+            pending.append((it, parts, values.lr, values.teacher_temp))
 
             done = it + 1
             stopping = stop is not None and done < total and stop.agreed(done, device)
