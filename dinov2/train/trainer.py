@@ -165,11 +165,11 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
     schedules = Schedules.from_config(cfg, global_batch, total)
     checkpoints = CheckpointManager(output_dir / "checkpoints", cfg.train.keep_last_checkpoints)
 
-    start = 0
+    start, sample_position = 0, None
     latest = checkpoints.latest()
     if latest is not None:
         resumed = checkpoints.load(latest, model, optimizer)
-        start = resumed.iteration
+        start, sample_position = resumed.iteration, resumed.sample_position
         if resumed.world_size != env.world_size:
             torch.manual_seed(cfg.train.seed * 1000 + env.rank + 7919 * start)
         if env.is_main:
@@ -182,6 +182,8 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
     model.train()
     pending: list[tuple[int, dict[str, torch.Tensor], float, float]] = []
     tick = time.perf_counter()
+    if sample_position is not None:  # continue the global sample stream where it stopped, at any world size
+        loader.load_state_dict({"position": sample_position})
     batches = iter(loader)
     try:
         for it in range(start, total):
@@ -204,7 +206,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
                 pending.clear()
                 tick = time.perf_counter()
             if save_now:
-                checkpoints.save(done, model, optimizer, sample_position=done * global_batch)
+                checkpoints.save(done, model, optimizer, sample_position=loader.state_dict()["position"])
             result.iterations = done
             if stopping:
                 result.interrupted = True
