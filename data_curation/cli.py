@@ -1,9 +1,11 @@
 """``dinov2-curate``: run curation stages on a work directory.
 
     dinov2-curate STAGE[,STAGE...] --workdir DIR [--config YAML] [--force] [key=value ...]
+    dinov2-curate embed --workdir DIR [--shard-index I --num-shards N] [key=value ...]
 
 Examples::
 
+    dinov2-curate embed,dedup --workdir runs/cur embed.input.path=/data/images embed.model.path=runs/vits14
     dinov2-curate dedup --workdir runs/cur --config curation/default dedup.threshold=0.7
     dinov2-curate dedup,decontaminate,retrieve,manifest --workdir runs/cur --config my.yaml
 
@@ -29,6 +31,7 @@ from typing import Any
 
 STAGES = MappingProxyType(
     {
+        "embed": "data_curation.embed:run_embed",
         "dedup": "data_curation.dedup:run_dedup",
         "decontaminate": "data_curation.decontaminate:run_decontaminate",
         "retrieve": "data_curation.retrieve:run_retrieve",
@@ -59,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML file or preset (e.g. curation/default)")
     parser.add_argument("--force", action="store_true", help="recompute even if the stage is done")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        help="embed: this task's index among --num-shards tasks (default: the SLURM array task, else 0)",
+    )
+    parser.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        help="embed: number of tasks sharing the work; task i writes the data shards s with s %% n == i",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. dedup.k=32)")
     return parser
 
@@ -81,10 +96,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dinov2-curate: {e}", file=sys.stderr)
         return 2
+    if (args.shard_index is None) != (args.num_shards is None):
+        print("dinov2-curate: give --shard-index and --num-shards together", file=sys.stderr)
+        return 2
+    if args.num_shards is not None:
+        if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+            print("dinov2-curate: need 0 <= --shard-index < --num-shards", file=sys.stderr)
+            return 2
+        cfg.embed.task_index, cfg.embed.num_tasks = args.shard_index, args.num_shards
     args.workdir.mkdir(parents=True, exist_ok=True)
     for name in names:
         summary = get_stage(name)(args.workdir, cfg, args.force)
         print(json.dumps({"stage": name, **summary}, default=str))
+        if summary.get("finalized") is False and name != names[-1]:
+            # an array task of `embed`: the other tasks' shards are not all written yet
+            logging.getLogger("dinov2-curate").info("embeddings not finalized yet: later stages not run")
+            break
     return 0
 
 

@@ -13,6 +13,51 @@ from pathlib import Path
 
 
 @dataclass
+class EmbedInputConfig:
+    """The images to embed: the fields of :class:`dinov2.config.DatasetConfig` that name a dataset."""
+
+    kind: str = "folder"  # folder | filelist | manifest | blobs | arrays | demo (dinov2.data.build_dataset)
+    path: str = ""  # folder root, list/manifest file, blobs folder, .npz; "{split}" is replaced
+    split: str = "train"  # for blobs/demo datasets, or a "{split}" in path / subset_path
+    subset_path: str = ""  # blobs: optional .npy of indices to keep
+    max_bad_fraction: float = 0.5  # stop when more than this fraction of a shard fails to decode
+    source: str = ""  # name of the data source (the manifest's source column); default: the path
+
+
+@dataclass
+class EmbedModelConfig:
+    """The embedding model."""
+
+    kind: str = "ours"  # ours (our export/run dir) | interop (timm/HF DINOv2 weights file) | timm (model name)
+    path: str = ""  # ours: run dir or weights file (+ config.yaml beside it); interop/timm: weights file
+    config: str = ""  # ours: training config.yaml (default: the one next to the weights)
+    name: str = ""  # timm: model name, created with pretrained=False (weights from path, if given)
+    img_size: int = 0  # timm: input size to create the model for (0: the model's default)
+    num_heads: int = 0  # interop: attention heads when they cannot be inferred (0: infer)
+
+
+@dataclass
+class EmbedConfig:
+    """The ``embed`` stage: images -> L2-normalised features, as sharded .npy (data_curation.embeddings)."""
+
+    input: EmbedInputConfig = field(default_factory=EmbedInputConfig)
+    model: EmbedModelConfig = field(default_factory=EmbedModelConfig)
+    crop: int = 0  # centre-crop side; 0: the training global crop size (ours), the model's input size otherwise
+    resize: int = 0  # shorter side resized to this first; 0: same as crop
+    mean: list[float] = field(default_factory=list)  # normalisation; empty: the checkpoint's / model's / ImageNet
+    std: list[float] = field(default_factory=list)
+    patch_mean: bool = False  # feature = [CLS, mean patch token] instead of CLS alone
+    dtype: str = "float16"  # float16 | float32 (.npy shards)
+    shard_size: int = 100_000  # images per shard (the unit of resumption and of array-job work)
+    batch_size: int = 256
+    num_workers: int = 0  # DataLoader workers decoding images
+    device: str = ""  # "": cuda when available, else cpu
+    amp: str = "auto"  # auto (bf16 on cuda, none on cpu) | bf16 | fp16 | none
+    task_index: int = -1  # this task's share: data shards s with s % num_tasks == task_index
+    num_tasks: int = 0  # 0 (with task_index -1): the SLURM array task of this job, else one task
+
+
+@dataclass
 class IndexConfig:
     """Nearest-neighbour search (dedup, decontaminate, sample-based retrieval)."""
 
@@ -104,6 +149,7 @@ class ManifestConfig:
 class CurationConfig:
     embeddings: str = "embeddings"  # embeddings dir (relative: to the work dir)
     progress: bool = True  # progress bars and k-means logs
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
