@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dinov2-train: error: {e}", file=sys.stderr)
         return 2
+    from dinov2.distributed.env import read_env
     from dinov2.train.trainer import NonFiniteLossError, train
 
     try:
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, FileNotFoundError, ConfigError) as e:
         print(f"dinov2-train: error: {e}", file=sys.stderr)
         return 1
+    if read_env().rank != 0:  # one report per job, not per process
+        return 0
     if result.last_losses:
         print(f"finished {result.iterations} iterations, final loss {result.last_losses.get('loss', float('nan')):.4f}")
     if result.num_skipped:
