@@ -61,9 +61,7 @@ def drop_flagged_components(kept: np.ndarray, labels: np.ndarray, flagged_rows: 
     return kept[~np.isin(labels[kept], bad_components)]
 
 
-def run_decontaminate(
-    workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False
-) -> dict[str, Any]:
+def run_decontaminate(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``decontaminate`` stage (see the module docstring); needs ``decontaminate.eval_sets``."""
     from data_curation.config import CurationConfig
 
@@ -102,9 +100,7 @@ def run_decontaminate(
         per_set = []
         for s, eval_dir in enumerate(eval_dirs):
             eval_x, _ = emb_io.load_embeddings(eval_dir)
-            sims, nearest = nearest_eval_similarity(
-                pool_x, eval_x, cfg.index, cfg.index.batch_size, cfg.progress
-            )
+            sims, nearest = nearest_eval_similarity(pool_x, eval_x, cfg.index, cfg.index.batch_size, cfg.progress)
             n_flagged = int((sims > c.threshold).sum())
             per_set.append({"path": str(eval_dir), "n_eval": len(eval_x), "n_flagged": n_flagged})
             better = sims > best

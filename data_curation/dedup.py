@@ -216,8 +216,12 @@ def run_dedup(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
         sub = x if skipped.size == 0 else x[pool]
         log.info("dedup: %d images (%d unusable embeddings skipped)", len(pool), len(skipped))
         i, j, sims = find_duplicate_pairs(
-            sub, k=d.k, threshold=d.threshold, index_cfg=cfg.index,
-            batch_size=cfg.index.batch_size, progress=cfg.progress,
+            sub,
+            k=d.k,
+            threshold=d.threshold,
+            index_cfg=cfg.index,
+            batch_size=cfg.index.batch_size,
+            progress=cfg.progress,
         )
         labels = components(len(pool), i, j)
         scores = _load_scores(d.score_file, workdir, len(x))[pool] if d.keep == "score" else None
@@ -234,15 +238,7 @@ def run_dedup(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
         write_lines(out / "skipped.txt", (paths[r] for r in skipped))
         pool_paths = [paths[r] for r in pool]
         report = components_report(labels, keep_local, pool_paths, d.report_top, d.report_members)
-        report = {
-            "threshold": d.threshold,
-            "k": d.k,
-            "keep_rule": d.keep,
-            "n_pairs": len(i),
-            "n_skipped_embeddings": len(skipped),
-            "n_skipped_inputs": emb_io.read_meta(emb_dir).get("num_skipped", 0),
-            **report,
-        }
+        report = dedup_report(d, len(i), len(skipped), emb_dir, report)
         write_json(out / "components.json", report)
         return {k: v for k, v in report.items() if k != "largest_components"}
 
@@ -263,3 +259,16 @@ def _load_scores(score_file: str, workdir: Path, n: int) -> np.ndarray:
     if scores.shape != (n,):
         raise ValueError(f"{path}: expected shape ({n},), got {scores.shape}")
     return scores
+
+
+def dedup_report(d, n_pairs: int, n_skipped: int, emb_dir, components: dict) -> dict:
+    """The ``components.json`` body: the stage's settings and counts, then the components report."""
+    return {
+        "threshold": d.threshold,
+        "k": d.k,
+        "keep_rule": d.keep,
+        "n_pairs": n_pairs,
+        "n_skipped_embeddings": n_skipped,
+        "n_skipped_inputs": emb_io.read_meta(emb_dir).get("num_skipped", 0),
+        **components,
+    }

@@ -205,9 +205,7 @@ def read_paths(directory: str | Path) -> list[str]:
     return paths
 
 
-def iter_shards(
-    directory: str | Path, mmap: bool = True, dtype: Any = None
-) -> Iterator[tuple[int, np.ndarray]]:
+def iter_shards(directory: str | Path, mmap: bool = True, dtype: Any = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start_row, shard_array)`` per shard in order; ``dtype`` converts (copies) each shard."""
     meta = read_meta(directory)
     start = 0

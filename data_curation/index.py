@@ -30,8 +30,7 @@ def import_faiss() -> Any:
         import faiss
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "data curation needs faiss: pip install faiss-cpu (or faiss-gpu), "
-            "or pip install 'dinov2-train[curation]'"
+            "data curation needs faiss: pip install faiss-cpu (or faiss-gpu), or pip install 'dinov2-train[curation]'"
         ) from e
     return faiss
 

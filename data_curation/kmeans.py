@@ -154,8 +154,13 @@ def kmeans_with_resampling(
     """k-means on ``x`` followed by ``n_resampling_steps`` resampling steps (module docstring)."""
     if n_resampling_steps and sample_size < 1:
         raise ValueError("resampling needs sample_size >= 1 (points taken from each cluster)")
-    opts = dict(niter=niter, spherical=spherical, max_points_per_centroid=max_points_per_centroid,
-                use_gpu=use_gpu, verbose=verbose)
+    opts = dict(
+        niter=niter,
+        spherical=spherical,
+        max_points_per_centroid=max_points_per_centroid,
+        use_gpu=use_gpu,
+        verbose=verbose,
+    )
     centroids = train_kmeans(x, k, seed=seed, init=init, **opts)
     labels, score = assign(x, centroids, spherical, use_gpu=use_gpu)
     for step in range(n_resampling_steps):
@@ -208,9 +213,17 @@ def hierarchical_kmeans(
         inputs = x if l == 0 else levels[-1].centroids
         log.info("k-means level %d: %d inputs -> %d clusters", l + 1, len(inputs), n_clusters[l])
         level = kmeans_with_resampling(
-            inputs, n_clusters[l], steps[l], sizes[l], niter=niter, seed=seed + 1000 * (l + 1),
-            spherical=spherical, max_points_per_centroid=max_points_per_centroid,
-            use_gpu=use_gpu, verbose=verbose, init=init,
+            inputs,
+            n_clusters[l],
+            steps[l],
+            sizes[l],
+            niter=niter,
+            seed=seed + 1000 * (l + 1),
+            spherical=spherical,
+            max_points_per_centroid=max_points_per_centroid,
+            use_gpu=use_gpu,
+            verbose=verbose,
+            init=init,
         )
         levels.append(level)
         if on_level is not None:
@@ -278,19 +291,33 @@ def run_cluster(workdir: str | Path, cfg: CurationConfig | None = None, force: b
             log.info("cluster: resuming after level %d", len(done_levels))
         save_npy(out / "pool.npy", pool)
         levels = hierarchical_kmeans(
-            x[pool], c.n_clusters, c.n_resampling_steps, c.sample_size, niter=c.niter, seed=c.seed,
-            spherical=c.spherical, max_points_per_centroid=c.max_points_per_centroid,
-            use_gpu=cfg.index.use_gpu, verbose=cfg.progress, init=c.init, done_levels=done_levels,
+            x[pool],
+            c.n_clusters,
+            c.n_resampling_steps,
+            c.sample_size,
+            niter=c.niter,
+            seed=c.seed,
+            spherical=c.spherical,
+            max_points_per_centroid=c.max_points_per_centroid,
+            use_gpu=cfg.index.use_gpu,
+            verbose=cfg.progress,
+            init=c.init,
+            done_levels=done_levels,
             on_level=lambda l, level: save_level(out, l, level, fp),
         )
         per_level = []
         for l, labels in enumerate(point_labels(levels), start=1):
             counts = np.bincount(labels, minlength=len(levels[l - 1].centroids))
-            per_level.append({
-                "level": l, "k": len(counts), "n_empty": int((counts == 0).sum()),
-                "points_min": int(counts.min()), "points_median": float(np.median(counts)),
-                "points_max": int(counts.max()),
-            })
+            per_level.append(
+                {
+                    "level": l,
+                    "k": len(counts),
+                    "n_empty": int((counts == 0).sum()),
+                    "points_min": int(counts.min()),
+                    "points_median": float(np.median(counts)),
+                    "points_max": int(counts.max()),
+                }
+            )
         return {"input": selection.name, "n_points": len(pool), "levels": per_level}
 
     return run_stage(workdir, "cluster", fp, compute, force)

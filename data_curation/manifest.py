@@ -115,13 +115,9 @@ def run_manifest(workdir: str | Path, cfg: CurationConfig | None = None, force: 
         labels = load_labels(resolve_path(workdir, m.labels), meta["count"]) if m.labels else None
         n = write_manifest(
             output,
-            (
-                (os.path.join(root, paths[r]) if root else paths[r], source, labels[r] if labels else None)
-                for r in rows
-            ),
+            ((os.path.join(root, paths[r]) if root else paths[r], source, labels[r] if labels else None) for r in rows),
         )
         log.info("manifest: %d rows from selection '%s' -> %s", n, selection.name, output)
         return {"selection": selection.name, "n_rows": n, "output": str(output), "source": source}
 
     return run_stage(workdir, "manifest", fp, compute, force)
-

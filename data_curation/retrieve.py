@@ -110,9 +110,7 @@ def run_retrieve(workdir: str | Path, cfg: CurationConfig | None = None, force: 
     emb_dir = resolve_path(workdir, cfg.embeddings)
     query_dirs = [resolve_path(workdir, q.path) for q in r.query_sets]
     selection = resolve_selection(workdir, r.input, ("decontaminate", "dedup"), emb_io.embeddings_fingerprint(emb_dir))
-    fp = fingerprint(
-        "retrieve", selection, [emb_io.embeddings_fingerprint(d) for d in query_dirs], r, cfg.index
-    )
+    fp = fingerprint("retrieve", selection, [emb_io.embeddings_fingerprint(d) for d in query_dirs], r, cfg.index)
 
     def compute(out: Path) -> dict[str, Any]:
         x, _ = emb_io.load_embeddings(emb_dir)
@@ -128,14 +126,29 @@ def run_retrieve(workdir: str | Path, cfg: CurationConfig | None = None, force: 
             if q.method == "sample":
                 if index is None:
                     index = index_from_config(pool, cfg.index, seed=r.seed)
-                found = sample_based(pool, queries, q.k, q.min_similarity, index=index,
-                                     batch_size=cfg.index.batch_size, progress=cfg.progress)
+                found = sample_based(
+                    pool,
+                    queries,
+                    q.k,
+                    q.min_similarity,
+                    index=index,
+                    batch_size=cfg.index.batch_size,
+                    progress=cfg.progress,
+                )
             else:
                 if clusters is None:
                     clusters = _pool_clusters(pool, r, cfg, out)
                 query_labels, _ = assign(queries, clusters[0], use_gpu=cfg.index.use_gpu)
-                found, chosen = cluster_based(clusters[1], clusters[2], query_labels, r.n_clusters,
-                                              q.min_queries, q.per_cluster, r.cluster_pick, r.seed)
+                found, chosen = cluster_based(
+                    clusters[1],
+                    clusters[2],
+                    query_labels,
+                    r.n_clusters,
+                    q.min_queries,
+                    q.per_cluster,
+                    r.cluster_pick,
+                    r.seed,
+                )
                 entry["n_clusters_selected"] = len(chosen)
             entry["n_retrieved"] = len(found)
             entry["n_new"] = int((~np.isin(found, selected)).sum())
@@ -143,8 +156,12 @@ def run_retrieve(workdir: str | Path, cfg: CurationConfig | None = None, force: 
             per_set.append(entry)
             log.info("retrieve: %s", entry)
         save_npy(out / "selected.npy", pool_rows[selected])
-        summary = {"input": selection.name, "n_pool": len(pool_rows), "n_selected": len(selected),
-                   "query_sets": per_set}
+        summary = {
+            "input": selection.name,
+            "n_pool": len(pool_rows),
+            "n_selected": len(selected),
+            "query_sets": per_set,
+        }
         write_json(out / "report.json", summary)
         return summary
 
@@ -154,8 +171,9 @@ def run_retrieve(workdir: str | Path, cfg: CurationConfig | None = None, force: 
 def _pool_clusters(pool: np.ndarray, r: RetrieveConfig, cfg: CurationConfig, out: Path) -> tuple[np.ndarray, ...]:
     """k-means of the pool for cluster-based retrieval: (centroids, labels, scores), saved in ``out``."""
     log.info("retrieve: k-means of the pool into %d clusters", r.n_clusters)
-    centroids = train_kmeans(pool, r.n_clusters, niter=r.niter, seed=r.seed, use_gpu=cfg.index.use_gpu,
-                             verbose=cfg.progress, init=r.init)
+    centroids = train_kmeans(
+        pool, r.n_clusters, niter=r.niter, seed=r.seed, use_gpu=cfg.index.use_gpu, verbose=cfg.progress, init=r.init
+    )
     labels, score = assign(pool, centroids, use_gpu=cfg.index.use_gpu)
     save_npy(out / "pool_centroids.npy", centroids)
     save_npy(out / "pool_assign.npy", labels)

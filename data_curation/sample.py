@@ -139,8 +139,10 @@ def run_sample(workdir: str | Path, cfg: CurationConfig | None = None, force: bo
             "top_level_entropy_pool": entropy(top),
             "top_level_entropy_selected": entropy(top[local]),
         }
-        write_json(out / "report.json", {**summary, "per_top_cluster": np.bincount(
-            top[local], minlength=len(levels[-1].centroids)).tolist()})
+        write_json(
+            out / "report.json",
+            {**summary, "per_top_cluster": np.bincount(top[local], minlength=len(levels[-1].centroids)).tolist()},
+        )
         log.info("sample: %s", json.dumps(summary))
         return summary
 

@@ -363,7 +363,7 @@ def merge_pairs(pairs: np.ndarray) -> np.ndarray:
 
 def merge_search(workdir: str | Path, cfg: CurationConfig, force: bool = False) -> dict[str, Any]:
     """The dedup stage's outputs from the search parts (all must be present)."""
-    from data_curation.dedup import PAIR_DTYPE, components, components_report, select_keep
+    from data_curation.dedup import PAIR_DTYPE, components, components_report, dedup_report, select_keep
 
     workdir = Path(workdir)
     folder = workdir / SEARCH_DIR
@@ -400,16 +400,7 @@ def merge_search(workdir: str | Path, cfg: CurationConfig, force: bool = False) 
         save_npy(out / "kept.npy", pool[keep_local])
         write_lines(out / "skipped.txt", (paths[r] for r in skipped))
         report = components_report(labels, keep_local, _Subset(paths, pool), d.report_top, d.report_members)
-        report = {
-            "threshold": d.threshold,
-            "k": d.k,
-            "keep_rule": d.keep,
-            "n_pairs": len(i),
-            "n_skipped_embeddings": len(skipped),
-            "n_skipped_inputs": emb_io.read_meta(emb_dir).get("num_skipped", 0),
-            **report,
-            "search_tasks": plan["num_shards"],
-        }
+        report = {**dedup_report(d, len(i), len(skipped), emb_dir, report), "search_tasks": plan["num_shards"]}
         write_json(out / "components.json", report)
         return {k: v for k, v in report.items() if k != "largest_components"}
 

@@ -124,9 +124,7 @@ class Selection(NamedTuple):
     fingerprint: str  # changes whenever the selected rows may have changed
 
 
-def resolve_selection(
-    workdir: str | Path, source: str, auto_order: Sequence[str], embeddings_fp: str
-) -> Selection:
+def resolve_selection(workdir: str | Path, source: str, auto_order: Sequence[str], embeddings_fp: str) -> Selection:
     """Resolve a stage's ``input`` setting without reading any data.
 
     ``source`` is ``"auto"`` (the first finished stage of ``auto_order``, else ``"all"``),
@@ -146,9 +144,7 @@ def resolve_selection(
     path = resolve_path(workdir, source)
     if path.suffix == ".npy" and path.is_file():
         return Selection(str(path), file_fingerprint(path))
-    raise ValueError(
-        f"unknown selection '{source}': use auto, all, one of {sorted(SELECTION_FILES)}, or a .npy path"
-    )
+    raise ValueError(f"unknown selection '{source}': use auto, all, one of {sorted(SELECTION_FILES)}, or a .npy path")
 
 
 def load_selection(workdir: str | Path, selection: Selection, valid: np.ndarray) -> np.ndarray:
