@@ -163,6 +163,14 @@ class DistributedConfig:
 
 # --------------------------------------------------------------------------------------------- train
 @dataclass
+class StudentConfig:
+    """One more student distilled in the same step: it shares the batch and the teacher's forward."""
+
+    name: str = ""  # letters, digits, '-' or '_': exported as {name}_backbone.safetensors, logged as {name}/…
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+@dataclass
 class DistillConfig:
     enabled: bool = False
     teacher_checkpoint: str = ""  # our export, timm or HF layout (see docs/distillation.md)
@@ -170,6 +178,7 @@ class DistillConfig:
     teacher_model: ModelConfig = field(default_factory=ModelConfig)
     student_ema_momentum: float = 0.999
     head_seed: int = 0  # backbone-only teachers: seed of the made (random, frozen) teacher heads
+    extra_students: list[StudentConfig] = field(default_factory=list)  # trained next to `model`, same heads config
 
 
 @dataclass

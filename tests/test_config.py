@@ -61,3 +61,19 @@ def test_base_inheritance(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("no/such/config.yaml")
+
+
+def test_three_student_distillation_preset():
+    import torch
+
+    from dinov2.models import build_backbone
+
+    cfg = load_config("distill/vitg14_to_vits14_vitb14_vitl14")
+    assert cfg.distill.enabled and cfg.distill.teacher_model.arch == "vit_giant2"
+    assert [s.name for s in cfg.distill.extra_students] == ["vitb14", "vitl14"]
+    models = [cfg.model] + [s.model for s in cfg.distill.extra_students]
+    with torch.device("meta"):
+        sizes = [sum(p.numel() for p in build_backbone(m).parameters()) / 1e6 for m in models]
+    # ViT-S/14, B/14, L/14 at 224 px (the counts measured for the pretraining presets)
+    assert [round(s, 1) for s in sizes] == [21.6, 85.7, 303.2], sizes
+    assert {m.patch_size for m in models} == {cfg.distill.teacher_model.patch_size} == {14}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -23,6 +24,11 @@ STUDENT = [
     "model.patch_size=4",
     "model.img_size=32",
 ]
+# a second, narrower student for the several-students-per-teacher-forward tests
+EXTRA_STUDENT = (
+    "distill.extra_students=[{name: narrow, model: {arch: vit_small, embed_dim: 8, depth: 1, num_heads: 2, "
+    "patch_size: 4, img_size: 16, layerscale_init: 0.1}}]"
+)
 
 
 def _hash(module: torch.nn.Module) -> str:
@@ -192,6 +198,7 @@ def test_two_process_fsdp_distillation(tmp_path):
             "distributed.fsdp=true",
             "distributed.param_dtype=fp32",
             "data.batch_size_per_gpu=4",
+            EXTRA_STUDENT,  # a second student, sharded like the first
         ],
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -205,3 +212,63 @@ def test_two_process_fsdp_distillation(tmp_path):
     CheckpointManager(out / "checkpoints").load(out / "checkpoints" / "ckpt_00000003", trained, None)
     assert _hash(trained.teacher) == _hash(initial.teacher)  # sharded, trained 3 steps: teacher untouched
     assert _hash(trained.student) != _hash(initial.student)
+    assert _hash(trained.extra_students["narrow"]) != _hash(initial.extra_students["narrow"])
+    assert (out / "narrow_backbone.safetensors").is_file()
+
+
+# ----------------------------------------------------------------- several students, one teacher pass
+
+
+def test_extra_students_share_one_teacher_forward(tmp_path):
+    from dinov2.train.trainer import build_loader, build_meta_arch
+
+    run = _tiny_teacher_run(tmp_path)
+    cfg = load_config("train/demo", _tiny_distill(run, tmp_path / "out", [EXTRA_STUDENT]))
+    model = build_meta_arch(cfg, torch.device("cpu"))
+    calls = {"teacher": 0, "student": 0, "narrow": 0}
+    for name, network in [("teacher", model.teacher), *model.trained_networks().items()]:
+        network.backbone.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    batch = next(iter(build_loader(cfg, DistEnv(), torch.device("cpu"), 0)))
+    step = model(batch, teacher_temp=0.04)
+    assert calls == {"teacher": 1, "student": 1, "narrow": 1}
+    assert {"loss", "dino", "ibot", "koleo", "narrow/loss", "narrow/dino", "narrow/koleo"} <= set(step.parts)
+    # the summed loss is the two students' losses, and each equals that student's loss computed alone
+    torch.testing.assert_close(step.loss.detach(), step.parts["loss"] + step.parts["narrow/loss"])
+    targets = model.teacher_targets(batch["global_crops"], batch["mask_indices"], 0.04)[:2]
+    alone = model.student_losses(model.extra_students["narrow"], batch, *targets)
+    torch.testing.assert_close(alone.parts["loss"], step.parts["narrow/loss"], rtol=0, atol=0)
+
+
+def test_extra_student_leaves_the_main_student_exactly_as_alone(tmp_path):
+    """Disjoint parameters, per-network clipping: adding a student changes nothing for the first one;
+    both exports are written and the extra student moved."""
+    from safetensors.torch import load_file
+
+    run = _tiny_teacher_run(tmp_path)
+    common = ["train.max_iterations=4", "eval.final_knn=true", "eval.knn_k=[5]"]
+    two = train(load_config("train/demo", _tiny_distill(run, tmp_path / "two", [*common, EXTRA_STUDENT])))
+    one = train(load_config("train/demo", _tiny_distill(run, tmp_path / "one", common)))
+    main_two, main_one = load_file(two.exported), load_file(one.exported)
+    assert main_two.keys() == main_one.keys()
+    for key in main_one:
+        assert torch.equal(main_two[key], main_one[key]), key
+    assert two.knn == one.knn and set(two.extra_knn) == {"narrow"} and 5 in two.extra_knn["narrow"]
+    narrow = load_file(two.extra_exports["narrow"])
+    assert two.extra_exports["narrow"].name == "narrow_backbone.safetensors"
+    assert narrow["cls_token"].shape[-1] == 8
+    logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(logged) == 4 and all('"narrow/loss"' in line and '"narrow/grad_norm"' in line for line in logged)
+    alone = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(a)["loss"] for a in alone] == [json.loads(b)["loss"] for b in logged]
+
+
+@pytest.mark.parametrize("name", ["student", "../up", "", "narrow_ema"])
+def test_extra_student_names_are_checked(tmp_path, name):
+    from dinov2.config import ConfigError
+    from dinov2.train.trainer import build_meta_arch
+
+    run = _tiny_teacher_run(tmp_path)
+    extra = EXTRA_STUDENT.replace("name: narrow", f"name: '{name}'")
+    cfg = load_config("train/demo", _tiny_distill(run, tmp_path / "out", [extra]))
+    with pytest.raises(ConfigError, match="extra_students"):
+        build_meta_arch(cfg, torch.device("cpu"))

@@ -15,52 +15,109 @@ Where the teacher comes from (``distill.teacher_checkpoint``):
   random projection of the teacher's features onto the prototypes; Sinkhorn-Knopp centering turns it
   into balanced soft assignments, so the student still learns the teacher's similarity structure
   (tested in ``tests/test_distill.py``).
+
+Several students (``distill.extra_students``, each a name and a ``model``) are trained in the same
+step: one teacher forward per batch serves them all. Each student has its own heads, EMA, gradient
+clipping and export (``{name}_backbone.safetensors``); their losses are summed, and as their parameters
+are disjoint each learns exactly what it would learn alone (tested).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dinov2.config import Config
-from dinov2.train.meta_arch import Network, SSLMetaArch, build_heads, ema_update
+from dinov2.config import Config, ConfigError
+from dinov2.models import DinoVisionTransformer, build_backbone
+from dinov2.train.meta_arch import Network, SSLMetaArch, StepOutput, build_heads, ema_update
 
 logger = logging.getLogger(__name__)
 
 
 class DistillMetaArch(SSLMetaArch):
-    export_filename = "student_backbone.safetensors"
-
     def __init__(self, cfg: Config, teacher: Network) -> None:
         super().__init__(cfg, teacher=teacher)
-        if teacher.backbone.patch_size != self.student.backbone.patch_size:
-            raise ValueError(
-                f"teacher patch size {teacher.backbone.patch_size} != student patch size "
-                f"{self.student.backbone.patch_size}: iBOT needs the same patch grid (set model.patch_size)"
+        self.extra_students = nn.ModuleDict()
+        for extra in cfg.distill.extra_students:
+            _check_student_name(extra.name, self.extra_students)
+            backbone = build_backbone(extra.model)
+            self.extra_students[extra.name] = Network(
+                backbone,
+                build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, cfg.loss.ibot_separate_head),
             )
-        self.student_ema = copy.deepcopy(self.student)
-        self.student_ema.requires_grad_(False)
-        self.student_ema.eval()
+        for name, student in self.trained_networks().items():
+            if teacher.backbone.patch_size != student.backbone.patch_size:
+                raise ValueError(
+                    f"teacher patch size {teacher.backbone.patch_size} != {name} patch size "
+                    f"{student.backbone.patch_size}: iBOT needs the same patch grid (set its model.patch_size)"
+                )
+        self.student_ema = _frozen_copy(self.student)
+        self.extra_emas = nn.ModuleDict({name: _frozen_copy(s) for name, s in self.extra_students.items()})
         self.ema_momentum = cfg.distill.student_ema_momentum
 
     def train(self, mode: bool = True) -> DistillMetaArch:
         super().train(mode)
         self.student_ema.eval()
+        self.extra_emas.eval()
         return self
 
+    def forward(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> StepOutput:
+        """One teacher forward, then the losses of every student against its targets (summed)."""
+        dino_targets, ibot_targets, entropy = self.teacher_targets(
+            batch["global_crops"], batch["mask_indices"], teacher_temp
+        )
+        step = self.student_losses(self.student, batch, dino_targets, ibot_targets)
+        loss = step.loss
+        for name, student in self.extra_students.items():
+            extra = self.student_losses(student, batch, dino_targets, ibot_targets)
+            loss = loss + extra.loss
+            step.parts.update({f"{name}/{key}": value for key, value in extra.parts.items()})
+        step.parts["teacher_entropy"] = entropy
+        return StepOutput(loss, step.parts)
+
     def update_teacher(self, momentum: float) -> None:
-        """The teacher is frozen; the student's EMA moves instead (fixed ``distill.student_ema_momentum``)."""
+        """The teacher is frozen; the students' EMAs move instead (fixed ``distill.student_ema_momentum``)."""
         ema_update(self.student_ema, self.student, self.ema_momentum)
+        for name, student in self.extra_students.items():
+            ema_update(self.extra_emas[name], student, self.ema_momentum)
 
     def networks(self) -> dict[str, Network]:
-        return {"student": self.student, "teacher": self.teacher, "student_ema": self.student_ema}
+        nets = {"student": self.student, "teacher": self.teacher, "student_ema": self.student_ema}
+        for name, student in self.extra_students.items():
+            nets[name] = student
+            nets[f"{name}_ema"] = self.extra_emas[name]
+        return nets
 
-    def exported_backbone(self) -> nn.Module:
-        return self.student_ema.backbone
+    def trained_networks(self) -> dict[str, Network]:
+        return {"student": self.student, **self.extra_students}
+
+    def exports(self) -> dict[str, tuple[str, DinoVisionTransformer]]:
+        """The students' EMAs: ``student_backbone.safetensors`` and ``{name}_backbone.safetensors``."""
+        out = {"student": ("student_backbone.safetensors", self.student_ema.backbone)}
+        for name, ema in self.extra_emas.items():
+            out[name] = (f"{name}_backbone.safetensors", ema.backbone)
+        return out
+
+
+def _frozen_copy(network: Network) -> Network:
+    frozen = copy.deepcopy(network)
+    frozen.requires_grad_(False)
+    return frozen.eval()
+
+
+def _check_student_name(name: str, taken: nn.ModuleDict) -> None:
+    """Names become file names and log keys: plain, unique, and not one of the built-in networks."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or "." in name:
+        raise ConfigError(
+            f"distill.extra_students: name {name!r} must be letters, digits, '-' or '_' (it names the export file)"
+        )
+    if name in taken or name in ("student", "teacher", "student_ema") or name.endswith("_ema"):
+        raise ConfigError(f"distill.extra_students: name {name!r} is taken; give each extra student its own name")
 
 
 def _teacher_config(cfg: Config) -> Config:

@@ -71,12 +71,13 @@ def shard_network(network: nn.Module, policy: MixedPrecisionPolicy, reshard_afte
 
 
 def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: torch.device | None = None) -> None:
-    """Prepare ``model.student`` and ``model.teacher`` in place (see the module docstring).
+    """Prepare every network of ``model`` (student, teacher, EMAs) in place (see the module docstring).
 
     ``model`` must already be on its device; sharding needs a process group (``setup_distributed``
     with ``always=cfg.fsdp``). ``device`` is accepted for symmetry with the trainer and unused.
     """
-    apply_activation_checkpointing(model.student.backbone, cfg.activation_checkpointing)
+    for network in model.trained_networks().values():
+        apply_activation_checkpointing(network.backbone, cfg.activation_checkpointing)
     if cfg.compile:
         for network in model.networks().values():
             compile_blocks(network.backbone)

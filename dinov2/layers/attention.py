@@ -175,9 +175,7 @@ class AttentionDispatcher:
 
     @staticmethod
     def _fallback(name: str, device: torch.device, reason: str) -> tuple[str, Backend]:
-        logger.warning(
-            "attention backend '%s' unusable on %s (%s); falling back to sdpa", name, device.type, reason
-        )
+        logger.warning("attention backend '%s' unusable on %s (%s); falling back to sdpa", name, device.type, reason)
         return "sdpa", sdpa_attention
 
 

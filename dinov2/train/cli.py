@@ -42,11 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finished {result.iterations} iterations, final loss {result.last_losses.get('loss', float('nan')):.4f}")
     if result.num_skipped:
         print(f"skipped {result.num_skipped} undecodable images")
-    if result.exported is not None:
-        print(f"teacher backbone exported to {result.exported}")
-    if result.knn:
-        table = "  ".join(f"k={k}: {acc:.2f}%" for k, acc in sorted(result.knn.items()))
-        print(f"k-NN top-1 of the teacher on the held-out split: {table}")
+    main_name = "student" if cfg.distill.enabled else "teacher"
+    exported = ({main_name: result.exported} if result.exported else {}) | result.extra_exports
+    for name, path in exported.items():
+        print(f"{name} backbone exported to {path}")
+    knns = ({main_name: result.knn} if result.knn else {}) | result.extra_knn
+    for name, knn in knns.items():
+        table = "  ".join(f"k={k}: {acc:.2f}%" for k, acc in sorted(knn.items()))
+        print(f"k-NN top-1 of the {name} on the held-out split: {table}")
     return 0
 
 

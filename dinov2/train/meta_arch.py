@@ -56,8 +56,6 @@ class StepOutput:
 
 
 class SSLMetaArch(nn.Module):
-    export_filename = "teacher_backbone.safetensors"
-
     def __init__(self, cfg: Config, teacher: Network | None = None) -> None:
         super().__init__()
         loss_cfg: LossConfig = cfg.loss
@@ -113,21 +111,31 @@ class SSLMetaArch(nn.Module):
     def forward(self, batch: dict[str, Tensor], teacher_temp: float) -> StepOutput:
         """Losses of one step. ``batch``: ``global_crops`` (2B,…) view-major, ``local_crops`` (nB,…) or
         empty, ``masks`` (2B, N) bool, ``mask_indices`` (M,), ``mask_weights`` (M,)."""
+        dino_targets, ibot_targets, entropy = self.teacher_targets(
+            batch["global_crops"], batch["mask_indices"], teacher_temp
+        )
+        step = self.student_losses(self.student, batch, dino_targets, ibot_targets)
+        step.parts["teacher_entropy"] = entropy
+        return step
+
+    def student_losses(
+        self, student: Network, batch: dict[str, Tensor], dino_targets: Tensor, ibot_targets: Tensor
+    ) -> StepOutput:
+        """DINO + iBOT + KoLeo of ``student`` (all crops in one packed forward) against the targets."""
         global_crops = batch["global_crops"]
         local_crops = batch.get("local_crops")
         masks = batch["masks"]
         mask_index = batch["mask_indices"]
         n_global = global_crops.shape[0]
         batch_size = n_global // 2
-        dino_targets, ibot_targets, target_entropy = self.teacher_targets(global_crops, mask_index, teacher_temp)
 
         has_local = local_crops is not None and local_crops.numel() > 0
         crops = [global_crops, local_crops] if has_local else [global_crops]
-        outs = self.student.backbone(crops, [masks] + [None] * (len(crops) - 1))
+        outs = student.backbone(crops, [masks] + [None] * (len(crops) - 1))
         global_cls = outs[0]["cls"]
         cls = torch.cat([global_cls] + ([outs[1]["cls"]] if has_local else []))
         masked = outs[0]["patch"].flatten(0, 1)[mask_index]
-        dino_logits, ibot_logits = self.student.head_logits(cls, masked)
+        dino_logits, ibot_logits = student.head_logits(cls, masked)
         k = dino_logits.shape[-1]
         student_global = dino_logits[:n_global].reshape(2, batch_size, k)
         student_local = dino_logits[n_global:].reshape(-1, batch_size, k) if has_local else None
@@ -147,7 +155,6 @@ class SSLMetaArch(nn.Module):
             loss = loss + cfg.koleo_weight * parts["koleo"]
         parts = {name: value.detach() for name, value in parts.items()}
         parts["loss"] = loss.detach()
-        parts["teacher_entropy"] = target_entropy
         return StepOutput(loss, parts)
 
     # ----------------------------------------------------------------------------------------- EMA
@@ -160,9 +167,15 @@ class SSLMetaArch(nn.Module):
         """Every backbone+heads unit, for sharding: trained, EMA-averaged or frozen alike."""
         return {"student": self.student, "teacher": self.teacher}
 
-    def exported_backbone(self) -> DinoVisionTransformer:
-        """The backbone a finished run exports and evaluates: the EMA teacher."""
-        return self.teacher.backbone
+    def trained_networks(self) -> dict[str, Network]:
+        """The networks the optimizer updates; each is clipped on its own and logged as ``{name}/…``
+        (the first, ``student``, without a prefix)."""
+        return {"student": self.student}
+
+    def exports(self) -> dict[str, tuple[str, DinoVisionTransformer]]:
+        """``{name: (file name, backbone)}`` that a finished run exports and evaluates; the first is the
+        run's main result. Self-distillation: the EMA teacher."""
+        return {"teacher": ("teacher_backbone.safetensors", self.teacher.backbone)}
 
 
 @torch.no_grad()

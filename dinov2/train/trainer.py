@@ -24,6 +24,7 @@ from dinov2.distributed.parallelize import clip_grad_norm, parallelize
 from dinov2.distributed.stop import StopRequest
 from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.export import export_backbone
+from dinov2.train.final_eval import knn_of_backbone
 from dinov2.train.meta_arch import SSLMetaArch
 from dinov2.train.metrics import MetricsWriter
 from dinov2.train.optim import apply_schedule, build_optimizer, param_groups
@@ -45,6 +46,8 @@ class TrainResult:
     knn: dict[int, float] | None = None
     num_skipped: int = 0
     interrupted: bool = False  # stopped early on a StopRequest (a checkpoint was saved at `iterations`)
+    extra_exports: dict[str, Path] = field(default_factory=dict)  # distill.extra_students, by name
+    extra_knn: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 def total_iterations(cfg: Config) -> int:
@@ -82,13 +85,18 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def make_optimizer(model: SSLMetaArch, cfg: Config, device: torch.device):
-    """AdamW over the student's parameter groups, and the prototype-layer parameters (frozen early)."""
-    groups = param_groups(
-        model.student,
-        depth=model.student.backbone.num_layers(),
-        layerwise_decay=cfg.optim.layerwise_decay,
-        patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
-    )
+    """AdamW over the parameter groups of every trained network (the student; several when distilling
+    into more than one), and the prototype-layer parameters (frozen early)."""
+    groups = [
+        group
+        for network in model.trained_networks().values()
+        for group in param_groups(
+            network,
+            depth=network.backbone.num_layers(),
+            layerwise_decay=cfg.optim.layerwise_decay,
+            patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
+        )
+    ]
     optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), cfg.optim.fused, device)
     last_layer_params = [p for g in optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
     return optimizer, last_layer_params
@@ -104,7 +112,7 @@ def train_step(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """One iteration: schedules → forward (autocast on GPU) → backward → last-layer freeze → global-norm
-    clipping → AdamW → EMA. Returns the detached loss terms (no host synchronisation)."""
+    clipping (per trained network) → AdamW → EMA. Returns the detached loss terms (no host synchronisation)."""
     apply_schedule(optimizer, values.lr, values.weight_decay)
     with autocast_context(cfg, device):
         step = model(batch, teacher_temp=values.teacher_temp)
@@ -112,11 +120,12 @@ def train_step(
     if values.freeze_last_layer:
         for p in last_layer_params:
             p.grad = None
-    grad_norm = clip_grad_norm(model.student, cfg.optim.clip_grad)
+    for name, network in model.trained_networks().items():
+        key = "grad_norm" if name == "student" else f"{name}/grad_norm"
+        step.parts[key] = clip_grad_norm(network, cfg.optim.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.update_teacher(values.momentum)
-    step.parts["grad_norm"] = grad_norm
     return step.parts
 
 
@@ -222,12 +231,16 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         return result
     if env.is_main and loader.num_skipped:
         logger.warning("%d undecodable images were skipped (see the warnings above for paths)", loader.num_skipped)
-    if cfg.train.export_teacher:
-        result.exported = export_backbone(model.exported_backbone(), output_dir / model.export_filename, env)
-    if cfg.eval.final_knn:
-        from dinov2.train.final_eval import knn_of_backbone
-
-        result.knn = knn_of_backbone(model.exported_backbone(), cfg, device)
+    for index, (name, (filename, backbone)) in enumerate(model.exports().items()):
+        path = export_backbone(backbone, output_dir / filename, env) if cfg.train.export_teacher else None
+        knn = knn_of_backbone(backbone, cfg, device) if cfg.eval.final_knn else None
+        if index == 0:  # the run's main result: the EMA teacher, or the (first) distilled student
+            result.exported, result.knn = path, knn
+            continue
+        if path is not None:
+            result.extra_exports[name] = path
+        if knn is not None:
+            result.extra_knn[name] = knn
     return result
 
 
@@ -243,9 +256,10 @@ def _flush(
     for row, (it, _, lr, temp) in enumerate(pending):
         record: dict[str, Any] = {"iteration": it}
         record.update({name: values[row].item() for name, values in stacked.items()})
-        if not math.isfinite(record["loss"]):
+        bad = [name for name in stacked if name.split("/")[-1] == "loss" and not math.isfinite(record[name])]
+        if bad:
             raise NonFiniteLossError(
-                f"loss is {record['loss']} at iteration {it}: stopping; the last good checkpoint is kept "
+                f"{bad[0]} is {record[bad[0]]} at iteration {it}: stopping; the last good checkpoint is kept "
                 "(lower optim.base_lr or raise optim.warmup_epochs, then resume)"
             )
         record.update({"lr": lr, "teacher_temp": temp, "images_per_s": images_per_s, "num_skipped": num_skipped})
