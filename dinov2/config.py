@@ -213,7 +213,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
     tensorboard: bool = True
-    export_teacher: bool = True
+    export_teacher: bool = True  # export the final backbone(s) as safetensors (the students when distilling)
+    stop_check_every: int = 10  # dinov2-submit: iterations between the ranks' collective check for a stop signal
 
 
 @dataclass

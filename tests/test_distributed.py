@@ -250,6 +250,17 @@ def test_two_ranks_equal_one_process_with_double_batch(runs):
     assert moved > 100 * EQUIV_ATOL
 
 
+def test_logged_losses_are_the_mean_over_ranks(runs):
+    """metrics.jsonl of the 2-rank run holds the losses averaged over both ranks: with equal shards
+    that is the loss of the whole batch, i.e. what the 1-process run logs (rank 0's alone is not)."""
+    from dinov2.train.metrics import read_metrics
+
+    two, one = (read_metrics(runs[name] / "metrics.jsonl") for name in ("two", "one"))
+    assert [r["iteration"] for r in two] == [r["iteration"] for r in one] == list(range(K))
+    for a, b in zip(two, one, strict=True):
+        assert abs(a["dino"] - b["dino"]) <= 1e-5 and abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+
+
 def test_dcp_saved_by_two_ranks_loads_at_world_size_one(runs):
     from safetensors.torch import load_file
 

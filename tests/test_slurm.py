@@ -139,6 +139,7 @@ def _submit(cluster: SlurmCluster, output_dir: Path, tasks: int) -> str:
         f"train.max_iterations={ITERATIONS}",
         f"train.checkpoint_every={CKPT_EVERY}",
         "train.keep_last_checkpoints=10",
+        "train.stop_check_every=1",  # the tests check the exact iteration the signal was acted on
         "train.export_teacher=false",
         "eval.final_knn=false",
         f"train.output_dir={output_dir}",

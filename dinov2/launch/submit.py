@@ -67,7 +67,9 @@ class TrainJob:
         requeue = requeue_signal()
         # submitit installed its handler for `requeue` before calling us: keep it to requeue later
         submitit_handler = signal.getsignal(requeue)
-        stop = StopRequest()
+        # a collective check is an all-reduce and a host sync: not every iteration (SLURM signals come
+        # --signal-delay-s before the limit, far more than a few iterations)
+        stop = StopRequest(check_every=self.cfg.train.stop_check_every)
         with stop.handling([requeue, signal.SIGTERM]):
             result = train(self.cfg, stop)
         summary = {

@@ -19,6 +19,7 @@ import torch
 
 from dinov2.config import Config, ConfigError, to_yaml
 from dinov2.data import build_train_loader
+from dinov2.distributed.comm import all_reduce_sum_, world_size
 from dinov2.distributed.env import DistEnv, distributed_session
 from dinov2.distributed.parallelize import clip_grad_norm, parallelize
 from dinov2.distributed.stop import StopRequest
@@ -250,8 +251,13 @@ def _flush(
     images_per_s: float,
     num_skipped: int,
 ) -> dict[str, float]:
-    """Bring the pending loss values to the host (one sync per log interval), check them, log them."""
-    stacked = {name: torch.stack([parts[name] for _, parts, _, _ in pending]).float().cpu() for name in pending[0][1]}
+    """Bring the pending loss values to the host (one sync per log interval), averaged over the ranks
+    (one all-reduce per log interval), check them, log them."""
+    names = sorted(pending[0][1])
+    values = torch.stack([torch.stack([parts[name].float() for name in names]) for _, parts, _, _ in pending])
+    if world_size() > 1:
+        values = all_reduce_sum_(values) / world_size()
+    stacked = dict(zip(names, values.cpu().unbind(1), strict=True))
     last: dict[str, float] = {}
     for row, (it, _, lr, temp) in enumerate(pending):
         record: dict[str, Any] = {"iteration": it}
