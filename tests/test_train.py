@@ -143,6 +143,22 @@ def test_missing_dataset_path_is_a_one_line_error(tmp_path):
         train(cfg)
 
 
+def test_batch_without_masked_patches_keeps_the_ibot_head_in_the_graph():
+    """A rank whose batch has no masked patch still logs an iBOT term (0) and gives the separate iBOT
+    head (zero) gradients: under FSDP every rank must run the same collectives and log the same keys."""
+    cfg = load_config("train/demo", TINY + ["data.masks.mask_probability=0", "loss.ibot_separate_head=true"])
+    torch.manual_seed(0)
+    model = SSLMetaArch(cfg).train()
+    batch = next(iter(build_train_loader(cfg.data, cfg.model.patch_size)))
+    assert batch["mask_indices"].numel() == 0
+    step = model(batch, teacher_temp=0.04)
+    assert step.parts["ibot"].item() == 0.0
+    torch.testing.assert_close(step.loss.detach(), step.parts["dino"] + 0.1 * step.parts["koleo"])
+    step.loss.backward()
+    grads = [p.grad for p in model.student.ibot_head.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)
+
+
 def test_teacher_starts_equal_gets_no_grad_and_follows_ema():
     cfg = load_config("train/demo", TINY)
     torch.manual_seed(0)

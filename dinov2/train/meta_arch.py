@@ -150,6 +150,11 @@ class SSLMetaArch(nn.Module):
             n_masked_images = masks.any(dim=1).sum()
             parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_masked_images)
             loss = loss + cfg.ibot_weight * parts["ibot"]
+        elif cfg.ibot_weight:
+            # no masked patch in this rank's batch: a zero that keeps the iBOT head in the graph, so every
+            # FSDP rank runs the same gradient collectives and logs the same terms
+            parts["ibot"] = ibot_logits.sum() * 0.0
+            loss = loss + parts["ibot"]
         if cfg.koleo_weight:
             parts["koleo"] = sum(self.koleo_loss(view) for view in global_cls.chunk(2))
             loss = loss + cfg.koleo_weight * parts["koleo"]
