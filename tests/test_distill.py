@@ -163,7 +163,7 @@ def test_distillation_resumes_exactly(tmp_path):
     from dinov2.train.trainer import build_meta_arch
 
     run = _tiny_teacher_run(tmp_path)
-    common = ["train.max_iterations=4", "train.checkpoint_every=100"]
+    common = ["train.max_iterations=4", "train.checkpoint_every=100", EXTRA_STUDENT]
     stopped = load_config("train/demo", _tiny_distill(run, tmp_path / "stopped", common))
     stop = StopRequest()
     stop.request("test")
@@ -177,6 +177,8 @@ def test_distillation_resumes_exactly(tmp_path):
         ckpts.load(ckpts.latest(), model, None)
         states.append(model.state_dict())
     assert any(k.startswith("student_ema.") for k in states[0])
+    assert any(k.startswith("extra_students.narrow.") for k in states[0])
+    assert any(k.startswith("extra_emas.narrow.") for k in states[0])
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
 
