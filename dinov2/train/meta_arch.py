@@ -182,6 +182,10 @@ class SSLMetaArch(nn.Module):
         run's main result. Self-distillation: the EMA teacher."""
         return {"teacher": ("teacher_backbone.safetensors", self.teacher.backbone)}
 
+    def exported_backbone(self) -> DinoVisionTransformer:
+        """The run's main result: the backbone of the first of :meth:`exports`."""
+        return next(iter(self.exports().values()))[1]
+
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
