@@ -34,7 +34,7 @@ from torch import nn
 
 from dinov2.config import Config, ConfigError
 from dinov2.models import DinoVisionTransformer, build_backbone
-from dinov2.train.meta_arch import Network, SSLMetaArch, StepOutput, build_heads, ema_update
+from dinov2.train.meta_arch import Network, SSLMetaArch, build_heads, ema_update
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +65,6 @@ class DistillMetaArch(SSLMetaArch):
         self.student_ema.eval()
         self.extra_emas.eval()
         return self
-
-    def forward(self, batch: dict[str, torch.Tensor], teacher_temp: float) -> StepOutput:
-        """One teacher forward, then the losses of every student against its targets (summed)."""
-        dino_targets, ibot_targets, entropy = self.teacher_targets(
-            batch["global_crops"], batch["mask_indices"], teacher_temp
-        )
-        step = self.student_losses(self.student, batch, dino_targets, ibot_targets)
-        loss = step.loss
-        for name, student in self.extra_students.items():
-            extra = self.student_losses(student, batch, dino_targets, ibot_targets)
-            loss = loss + extra.loss
-            step.parts.update({f"{name}/{key}": value for key, value in extra.parts.items()})
-        step.parts["teacher_entropy"] = entropy
-        return StepOutput(loss, step.parts)
 
     def update_teacher(self, momentum: float) -> None:
         """The teacher is frozen; the students' EMAs move instead (fixed ``distill.student_ema_momentum``)."""
@@ -112,7 +98,7 @@ def _frozen_copy(network: Network) -> Network:
 
 def _check_student_name(name: str, taken: nn.ModuleDict) -> None:
     """Names become file names and log keys: plain, unique, and not one of the built-in networks."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or "." in name:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         raise ConfigError(
             f"distill.extra_students: name {name!r} must be letters, digits, '-' or '_' (it names the export file)"
         )

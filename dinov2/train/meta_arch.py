@@ -114,9 +114,16 @@ class SSLMetaArch(nn.Module):
         dino_targets, ibot_targets, entropy = self.teacher_targets(
             batch["global_crops"], batch["mask_indices"], teacher_temp
         )
-        step = self.student_losses(self.student, batch, dino_targets, ibot_targets)
-        step.parts["teacher_entropy"] = entropy
-        return step
+        # one teacher forward serves every trained network (several students when distilling): their
+        # losses are summed, their terms logged as "{name}/…" (the first without a prefix)
+        loss, parts = None, {}
+        for name, student in self.trained_networks().items():
+            step = self.student_losses(student, batch, dino_targets, ibot_targets)
+            loss = step.loss if loss is None else loss + step.loss
+            prefix = "" if name == "student" else f"{name}/"
+            parts.update({prefix + key: value for key, value in step.parts.items()})
+        parts["teacher_entropy"] = entropy
+        return StepOutput(loss, parts)
 
     def student_losses(
         self, student: Network, batch: dict[str, Tensor], dino_targets: Tensor, ibot_targets: Tensor
