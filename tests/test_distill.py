@@ -258,6 +258,14 @@ def test_extra_student_leaves_the_main_student_exactly_as_alone(tmp_path):
     narrow = load_file(two.extra_exports["narrow"])
     assert two.extra_exports["narrow"].name == "narrow_backbone.safetensors"
     assert narrow["cls_token"].shape[-1] == 8
+    # evaluation and curation rebuild each export from its own config file; the run dir means the main student
+    from dinov2.eval.backbone_io import find_weights, load_backbone
+
+    backbone, narrow_cfg = load_backbone(two.extra_exports["narrow"])
+    assert backbone.embed_dim == 8 and narrow_cfg.model.depth == 1 and not narrow_cfg.distill.extra_students
+    assert torch.equal(backbone.cls_token, narrow["cls_token"])
+    assert find_weights(tmp_path / "two") == two.exported
+    assert load_backbone(tmp_path / "two")[0].embed_dim == 16
     logged = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(logged) == 4 and all('"narrow/loss"' in line and '"narrow/grad_norm"' in line for line in logged)
     alone = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()

@@ -5,13 +5,14 @@ An export is a directory holding
 - the backbone's ``state_dict()`` as ``*.safetensors`` (needs the ``safetensors`` package) or as a
   plain ``torch.save`` file (``*.pth`` / ``*.pt``), loadable with ``torch.load(weights_only=True)``;
 - ``config.yaml``: the full training configuration (the :class:`dinov2.config.Config` schema), from
-  which :func:`dinov2.models.build_backbone` rebuilds the architecture.
+  which :func:`dinov2.models.build_backbone` rebuilds the architecture. An export ``{name}_backbone.*``
+  with its own ``{name}_config.yaml`` beside it (an extra distilled student) is read with that one.
 
 :func:`load_backbone` accepts the weights file or the directory (which must then hold one weights
-file, or one whose name starts with ``teacher``). It also tolerates the state dict of a wrapper:
-nested under a ``state_dict`` / ``model`` / ``backbone`` / ``teacher`` … entry (``dinov2.interop``), keys
-prefixed ``backbone.`` (only those are kept), or ``module.`` / ``_orig_mod.`` prefixes from DDP and
-``torch.compile``. :func:`save_backbone` writes the format.
+file, or one whose name starts with ``teacher``, or ``student_backbone.*``). It also tolerates the
+state dict of a wrapper: nested under a ``state_dict`` / ``model`` / ``backbone`` / ``teacher`` …
+entry (``dinov2.interop``), keys prefixed ``backbone.`` (only those are kept), or ``module.`` /
+``_orig_mod.`` prefixes from DDP and ``torch.compile``. :func:`save_backbone` writes the format.
 """
 
 from __future__ import annotations
@@ -59,11 +60,26 @@ def find_weights(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    teacher = [p for p in found if p.name.startswith("teacher")]
-    if len(found) == 1 or len(teacher) == 1:
-        return found[0] if len(found) == 1 else teacher[0]
+    if len(found) == 1:
+        return found[0]
+    for preferred in (
+        [p for p in found if p.name.startswith("teacher")],
+        [p for p in found if p.stem == "student_backbone"],
+    ):
+        if len(preferred) == 1:  # a pretraining run's teacher, a distillation run's main student
+            return preferred[0]
     names = ", ".join(p.name for p in found) or "none"
     raise FileNotFoundError(f"expected one weights file ({'/'.join(WEIGHT_SUFFIXES)}) in {path}, found: {names}")
+
+
+def config_of(weights: Path) -> Path:
+    """The config file beside ``weights``: ``{name}_config.yaml`` for ``{name}_backbone.*`` when it exists
+    (an extra distilled student), else ``config.yaml``."""
+    if weights.stem.endswith("_backbone"):
+        own = weights.parent / f"{weights.stem.removesuffix('_backbone')}_config.yaml"
+        if own.is_file():
+            return own
+    return weights.parent / CONFIG_NAME
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -89,7 +105,7 @@ def load_backbone(
     from dinov2.models import build_backbone
 
     weights = find_weights(checkpoint)
-    config_path = Path(config) if config is not None else weights.parent / CONFIG_NAME
+    config_path = Path(config) if config is not None else config_of(weights)
     if not config_path.is_file():
         raise FileNotFoundError(f"no training config at {config_path} (pass --config to point at one)")
     cfg = load_config(config_path)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     knns = ({main_name: result.knn} if result.knn else {}) | result.extra_knn
     for name, knn in knns.items():
         table = "  ".join(f"k={k}: {acc:.2f}%" for k, acc in sorted(knn.items()))
-        print(f"k-NN top-1 of the {name} on the held-out split: {table}")
+        print(f"k-NN top-1 ({name}) on the held-out split: {table}")
     return 0
 
 

@@ -8,6 +8,7 @@ losses → backward → last-layer freeze → global-norm clipping → AdamW →
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -240,9 +241,19 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
             continue
         if path is not None:
             result.extra_exports[name] = path
+            if env.is_main:  # what dinov2-eval / dinov2-curate rebuild this backbone from
+                (output_dir / f"{name}_config.yaml").write_text(to_yaml(extra_student_config(cfg, name)))
         if knn is not None:
             result.extra_knn[name] = knn
     return result
+
+
+def extra_student_config(cfg: Config, name: str) -> Config:
+    """The run's config with ``model`` set to extra student ``name``'s and no extra students."""
+    config = copy.deepcopy(cfg)
+    config.model = copy.deepcopy({s.name: s.model for s in cfg.distill.extra_students}[name])
+    config.distill.extra_students = []
+    return config
 
 
 def _flush(
