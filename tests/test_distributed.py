@@ -86,7 +86,9 @@ def test_first_host_and_rendezvous():
     assert first_host("single") == "single"
     addr, port = slurm_rendezvous({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "1234"})
     assert addr == "n1" and 20000 <= port < 40000
-    assert slurm_rendezvous({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "1234"})[1] == port  # after requeue
+    assert slurm_rendezvous({"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "1234"})[1] == port  # every task
+    requeued = {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_ID": "1234", "SLURM_RESTART_COUNT": "1"}
+    assert 20000 <= slurm_rendezvous(requeued)[1] < 40000 and slurm_rendezvous(requeued)[1] != port
     assert slurm_rendezvous({"SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "1235"})[1] != port
     assert slurm_rendezvous({"MASTER_ADDR": "h", "MASTER_PORT": "29500", "SLURM_JOB_ID": "1"}) == ("h", 29500)
 

@@ -145,15 +145,17 @@ def slurm_rendezvous(environ: Mapping[str, str]) -> tuple[str, int]:
     """``(address, port)`` of rank 0's TCP store in a SLURM job that torchrun did not start.
 
     ``MASTER_ADDR`` / ``MASTER_PORT`` win when set; otherwise the job's first node and a port in
-    [20000, 40000) derived from the job id (the same after a requeue, different between jobs).
+    [20000, 40000) derived from the job id and ``SLURM_RESTART_COUNT``: the same for every task of one
+    run, different between jobs and between the runs of a requeued job (a straggler of the previous
+    run may still hold the old port).
     """
     addr = environ.get("MASTER_ADDR") or first_host(
         environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
     )
     if environ.get("MASTER_PORT"):
         return addr, _int(environ, "MASTER_PORT")
-    job = environ.get("SLURM_JOB_ID", "0")
-    return addr, 20000 + zlib.crc32(job.encode()) % 20000
+    run = f"{environ.get('SLURM_JOB_ID', '0')}.{environ.get('SLURM_RESTART_COUNT', '0')}"
+    return addr, 20000 + zlib.crc32(run.encode()) % 20000
 
 
 # -------------------------------------------------------------------------------------- lifecycle
