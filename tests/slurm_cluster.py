@@ -64,6 +64,10 @@ def node_memory_mb(fraction: float = 0.8) -> int:
     return 4096
 
 
+# Job-step credential lifetime (s). It is also how long slurmd refuses to relaunch a job it has just
+# killed ("Job credential revoked"): a requeued job must not start again sooner (SLURM's default: 120).
+CRED_EXPIRE_S = 10
+
 SLURM_CONF = """\
 ClusterName=dinov2test
 SlurmctldHost=localhost
@@ -73,7 +77,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={cred_expire}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -147,6 +151,7 @@ class SlurmCluster:
                     ctld_port=ctld_port,
                     slurmd_port=slurmd_port,
                     munge_socket=self.munge_dir / "munge.socket",
+                    cred_expire=CRED_EXPIRE_S,
                     first_job_id=random.randint(1000, 4_000_000),
                     cpus=self.cpus,
                     memory_mb=self.memory_mb,

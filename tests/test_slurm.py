@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster
+from slurm_cluster import CRED_EXPIRE_S, SlurmCluster
 from tiny_config import TINY
 
 from dinov2.config import load_config
@@ -165,8 +165,24 @@ def _wait_for(path: Path, cluster: SlurmCluster, job_id: str, timeout: float = 2
     assert path.exists(), f"{path} never appeared (job {job_id}: {cluster.job_info(job_id).get('JobState')})"
 
 
-def _wait_requeued_then_release(cluster: SlurmCluster, job_id: str, timeout: float = 120) -> None:
-    """Wait until the job is back in the queue, then clear the start delay SLURM gives requeued jobs."""
+def _previous_run_alive(job_id: str, output_dir: Path) -> bool:
+    """Whether a process of the job's previous run is still alive: its srun or tasks (their command
+    lines name the job's submitit folder) or a slurmstepd of one of its steps."""
+    marks = (str(output_dir / "slurm"), f"slurmstepd: [{job_id}.")
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # not a process, or it just ended
+            continue
+        if any(mark in cmdline for mark in marks):
+            return True
+    return False
+
+
+def _wait_requeued_then_release(cluster: SlurmCluster, job_id: str, output_dir: Path, timeout: float = 120) -> None:
+    """Wait until the job is back in the queue, its first run's processes are gone and the killed run's
+    credential has expired, then clear the start delay SLURM gives requeued jobs (SLURM's own delay is
+    ``cred_expire`` + 1 s; starting sooner fails the launch with "Job credential revoked")."""
     deadline = time.monotonic() + timeout
     info: dict[str, str] = {}
     while time.monotonic() < deadline:
@@ -176,7 +192,13 @@ def _wait_requeued_then_release(cluster: SlurmCluster, job_id: str, timeout: flo
         time.sleep(0.2)
     else:
         raise AssertionError(f"job {job_id} was not requeued: {info.get('JobState')} {info.get('Reason')}")
-    if info.get("JobState") == "PENDING":
+    # slurmd refuses to relaunch a job it has just killed until its credential expires
+    requeued_at = time.monotonic()
+    while (_previous_run_alive(job_id, output_dir) or time.monotonic() < requeued_at + CRED_EXPIRE_S + 2) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    if cluster.job_info(job_id).get("JobState") == "PENDING":
         cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False)
 
 
@@ -190,7 +212,9 @@ def _check_completed_run(cluster: SlurmCluster, output_dir: Path, job_id: str) -
     Returns the iteration it resumed at."""
     info = cluster.wait_job(job_id, timeout=300)
     log = _job_log(output_dir, job_id)
-    assert info.get("JobState") == "COMPLETED", f"{info.get('JobState')}\n{log[-4000:]}"
+    assert info.get("JobState") == "COMPLETED", (
+        f"{info}\n{log[-3000:]}\nslurmctld: {cluster._tail('slurmctld', 25)}\nslurmd: {cluster._tail('slurmd', 25)}"
+    )
     assert int(info.get("Restarts", "0")) == 1
     resumed = re.search(r"resumed from \S+ckpt_(\d+) at iteration (\d+)", log)
     assert resumed, log[-4000:]
@@ -215,7 +239,7 @@ def test_two_task_job_checkpoints_on_timeout_signal_requeues_and_resumes(slurm_c
     _wait_for(output_dir / "checkpoints" / f"ckpt_{CKPT_EVERY:08d}" / "meta.json", slurm_cluster, job_id)
     # what SLURM sends --signal-delay-s before the time limit (and on preemption)
     slurm_cluster.run(["scancel", "--signal=USR2", job_id])
-    _wait_requeued_then_release(slurm_cluster, job_id)
+    _wait_requeued_then_release(slurm_cluster, job_id, output_dir)
     # the signal came after checkpoint CKPT_EVERY was complete: resuming there would mean no checkpoint on it
     assert _check_completed_run(slurm_cluster, output_dir, job_id) > CKPT_EVERY
     log = _job_log(output_dir, job_id)
@@ -229,5 +253,5 @@ def test_scontrol_requeue_checkpoints_and_resumes(slurm_cluster, jobs, tmp_path)
     jobs.append(job_id)
     _wait_for(output_dir / "checkpoints" / f"ckpt_{CKPT_EVERY:08d}" / "meta.json", slurm_cluster, job_id)
     slurm_cluster.run(["scontrol", "requeue", job_id])
-    _wait_requeued_then_release(slurm_cluster, job_id)
+    _wait_requeued_then_release(slurm_cluster, job_id, output_dir)
     assert _check_completed_run(slurm_cluster, output_dir, job_id) > CKPT_EVERY
