@@ -63,7 +63,7 @@ def measure(cfg, batch_size: int, steps: int, warmup: int, device: torch.device,
         clip_grad_norm(model.student, cfg.optim.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.update_teacher(0.994)
+        model.update_ema(0.994)
     torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30

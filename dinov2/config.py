@@ -176,7 +176,7 @@ class DistillConfig:
     teacher_checkpoint: str = ""  # our export, timm or HF layout (see docs/distillation.md)
     teacher_format: str = "auto"  # auto | ours | timm | hf
     teacher_model: ModelConfig = field(default_factory=ModelConfig)
-    student_ema_momentum: float = 0.999
+    student_ema_momentum: float = 0.999  # reached after a warm-up (schedules.ema_warmup): ~9k iterations at 0.999
     head_seed: int = 0  # backbone-only teachers: seed of the made (random, frozen) teacher heads
     extra_students: list[StudentConfig] = field(default_factory=list)  # trained next to `model`, same heads config
 

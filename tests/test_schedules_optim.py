@@ -115,3 +115,14 @@ def test_param_groups_decay_and_multipliers():
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.1 * g["lr_multiplier"])
         assert g["weight_decay"] == pytest.approx(0.04 * g["wd_multiplier"])
+
+
+def test_distillation_student_ema_momentum_is_warmed_up():
+    cfg = load_config(None, ["distill.enabled=true", "distill.student_ema_momentum=0.999"])
+    s = Schedules.from_config(cfg, global_batch=256, total_iterations=20_000)
+    assert s.at(0).momentum == pytest.approx(0.1) and s.at(8).momentum == pytest.approx(0.5)
+    assert s.at(80).momentum == pytest.approx(0.9) and s.at(890).momentum == pytest.approx(0.99)
+    assert s.at(8990).momentum == pytest.approx(0.999) and s.at(19_999).momentum == pytest.approx(0.999)
+    # self-distillation keeps the DINO teacher schedule (no warm-up)
+    ssl = Schedules.from_config(load_config(None, ["optim.momentum_teacher=0.992"]), 256, 1000)
+    assert ssl.at(0).momentum == pytest.approx(0.992)

@@ -175,6 +175,6 @@ def test_teacher_starts_equal_gets_no_grad_and_follows_ema():
         for p in model.student.parameters():
             p.add_(torch.randn_like(p))
     student = [p.detach().clone() for p in model.student.parameters()]
-    model.update_teacher(0.9)
+    model.update_ema(0.9)
     for t0, s, t1 in zip(before_t, student, model.teacher.parameters(), strict=True):
         assert torch.allclose(t1, 0.9 * t0 + 0.1 * s, atol=1e-6)

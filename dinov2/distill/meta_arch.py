@@ -58,7 +58,6 @@ class DistillMetaArch(SSLMetaArch):
                 )
         self.student_ema = _frozen_copy(self.student)
         self.extra_emas = nn.ModuleDict({name: _frozen_copy(s) for name, s in self.extra_students.items()})
-        self.ema_momentum = cfg.distill.student_ema_momentum
 
     def train(self, mode: bool = True) -> DistillMetaArch:
         super().train(mode)
@@ -66,11 +65,12 @@ class DistillMetaArch(SSLMetaArch):
         self.extra_emas.eval()
         return self
 
-    def update_teacher(self, momentum: float) -> None:
-        """The teacher is frozen; the students' EMAs move instead (fixed ``distill.student_ema_momentum``)."""
-        ema_update(self.student_ema, self.student, self.ema_momentum)
+    def update_ema(self, momentum: float) -> None:
+        """The teacher is frozen; the students' EMAs move instead, at the schedule's momentum
+        (``distill.student_ema_momentum``, warmed up: ``dinov2.train.schedules.ema_warmup``)."""
+        ema_update(self.student_ema, self.student, momentum)
         for name, student in self.extra_students.items():
-            ema_update(self.extra_emas[name], student, self.ema_momentum)
+            ema_update(self.extra_emas[name], student, momentum)
 
     def networks(self) -> dict[str, Network]:
         nets = {"student": self.student, "teacher": self.teacher, "student_ema": self.student_ema}

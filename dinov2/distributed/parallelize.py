@@ -11,7 +11,7 @@
    default). Sharding applies when ``distributed.fsdp`` or more than one process.
 
 Because the teacher is sharded exactly like the student, their local shards line up one to one and
-the EMA update is a local ``torch._foreach`` over shards (``SSLMetaArch.update_teacher``); the
+the EMA update is a local ``torch._foreach`` over shards (``SSLMetaArch.update_ema``); the
 teacher is resharded after its no-grad forward (``SSLMetaArch.teacher_targets``).
 FSDP2 averages gradients over ranks in its reduce-scatter, so per-rank mean losses give the gradient
 of the global-batch mean. :func:`clip_grad_norm` clips by the norm over all shards of all ranks.

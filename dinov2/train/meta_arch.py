@@ -63,7 +63,6 @@ class SSLMetaArch(nn.Module):
         self.student = Network(
             backbone, build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, loss_cfg.ibot_separate_head)
         )
-        self.ema_teacher = teacher is None
         if teacher is None:
             teacher = copy.deepcopy(self.student)
         self.teacher = teacher
@@ -170,10 +169,9 @@ class SSLMetaArch(nn.Module):
         return StepOutput(loss, parts)
 
     # ----------------------------------------------------------------------------------------- EMA
-    def update_teacher(self, momentum: float) -> None:
-        """teacher ← m · teacher + (1 − m) · student (self-distillation only)."""
-        if self.ema_teacher:
-            ema_update(self.teacher, self.student, momentum)
+    def update_ema(self, momentum: float) -> None:
+        """The run's EMA: teacher ← m · teacher + (1 − m) · student (distillation overrides it)."""
+        ema_update(self.teacher, self.student, momentum)
 
     def networks(self) -> dict[str, Network]:
         """Every backbone+heads unit, for sharding: trained, EMA-averaged or frozen alike."""

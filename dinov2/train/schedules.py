@@ -1,5 +1,10 @@
-"""Per-iteration schedules: learning rate, weight decay, teacher momentum and temperature, and the
+"""Per-iteration schedules: learning rate, weight decay, EMA momentum, teacher temperature and the
 prototype-layer freeze. All are pure functions of the iteration, so resuming needs only the iteration.
+
+The EMA momentum is that of the network the run averages: the teacher when self-distilling (cosine
+from ``optim.momentum_teacher`` to ``optim.final_momentum_teacher``), the students' EMAs when
+distilling from a frozen teacher (``distill.student_ema_momentum``, warmed up by :func:`ema_warmup` so
+that the exported EMA of a short run is not mostly its random initialisation).
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ def linear_warmup(it: int, warmup: int, start: float, end: float) -> float:
     return start + (end - start) * it / warmup
 
 
+def ema_warmup(it: int, momentum: float) -> float:
+    """``min(momentum, (1 + it) / (10 + it))``: an EMA that starts by following its network closely
+    (0.1 at the first step, 0.5 at iteration 8, 0.9 at 80) and reaches ``momentum`` after
+    ``(10 m − 1) / (1 − m)`` iterations (8,990 for 0.999)."""
+    return min(momentum, (1.0 + it) / (10.0 + it))
+
+
 def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
     """``base_lr`` is for a total batch of 1024; ``sqrt`` (DINOv2) or ``linear`` scaling, or none."""
     if rule == "sqrt":
@@ -45,7 +57,7 @@ def scaled_lr(base_lr: float, global_batch: int, rule: str) -> float:
 class ScheduleValues:
     lr: float
     weight_decay: float
-    momentum: float
+    momentum: float  # of the EMA the run keeps (see the module docstring)
     teacher_temp: float
     freeze_last_layer: bool
 
@@ -64,12 +76,15 @@ class Schedules:
     warmup_teacher_temp: float
     teacher_temp_warmup_iterations: int
     freeze_last_layer_iterations: int
+    warmup_momentum: bool = False  # apply ema_warmup to the momentum (distillation's student EMAs)
 
     @classmethod
     def from_config(cls, cfg, global_batch: int, total_iterations: int) -> Schedules:
         """From the ``optim`` and ``loss`` sections of a :class:`dinov2.config.Config`."""
         o, loss = cfg.optim, cfg.loss
         per_epoch = o.epoch_length
+        distill = cfg.distill.enabled
+        momentum = cfg.distill.student_ema_momentum if distill else o.momentum_teacher
         return cls(
             total_iterations=total_iterations,
             peak_lr=scaled_lr(o.base_lr, global_batch, o.lr_scaling),
@@ -77,20 +92,22 @@ class Schedules:
             warmup_iterations=round(o.warmup_epochs * per_epoch),
             weight_decay=o.weight_decay,
             weight_decay_end=o.weight_decay_end,
-            momentum=o.momentum_teacher,
-            final_momentum=o.final_momentum_teacher,
+            momentum=momentum,
+            final_momentum=momentum if distill else o.final_momentum_teacher,
             teacher_temp=loss.teacher_temp,
             warmup_teacher_temp=loss.warmup_teacher_temp,
             teacher_temp_warmup_iterations=round(loss.warmup_teacher_temp_epochs * per_epoch),
             freeze_last_layer_iterations=round(o.freeze_last_layer_epochs * per_epoch),
+            warmup_momentum=distill,
         )
 
     def at(self, it: int) -> ScheduleValues:
         total = self.total_iterations
+        momentum = cosine(it, 0, total, self.momentum, self.final_momentum)
         return ScheduleValues(
             lr=warmup_cosine(it, total, self.peak_lr, self.min_lr, self.warmup_iterations),
             weight_decay=cosine(it, 0, total, self.weight_decay, self.weight_decay_end),
-            momentum=cosine(it, 0, total, self.momentum, self.final_momentum),
+            momentum=ema_warmup(it, momentum) if self.warmup_momentum else momentum,
             teacher_temp=linear_warmup(
                 it, self.teacher_temp_warmup_iterations, self.warmup_teacher_temp, self.teacher_temp
             ),

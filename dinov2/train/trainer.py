@@ -127,7 +127,7 @@ def train_step(
         step.parts[key] = clip_grad_norm(network, cfg.optim.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.update_teacher(values.momentum)
+    model.update_ema(values.momentum)
     return step.parts
 
 
