@@ -111,3 +111,18 @@ def test_markdown_sections_are_replaced_in_place(tmp_path, bench_common):
     assert text.rstrip().endswith("<!-- u:end -->")
     table = bench_common.format_table(["a", "b"], [[1, 2.345], [None, 12345.0]])
     assert bench_common.parse_table(table) == [{"a": "1", "b": "2.35"}, {"a": "-", "b": "12345"}]
+
+
+def test_supervised_ceiling_tiny_cpu_prints_the_table(tmp_path, bench_common, shared_data):
+    from benchmarks import supervised_ceiling
+
+    md = tmp_path / "BENCH.md"
+    record = supervised_ceiling.main(
+        ["--tiny", "--data", str(shared_data), "--output-dir", str(tmp_path / "out"), "--markdown", str(md)]
+    )
+    rows = bench_common.parse_table(md.read_text().split("\n\n", 2)[-1])
+    assert [r["training"] for r in rows] == ["random init", "self-supervised (ours)", "supervised, same backbone and batches"]
+    assert [r["iterations"] for r in rows] == ["0", "6", "6"]
+    assert all(0.0 <= row[5] <= 100.0 for row in record["rows"])
+    assert record["rows"][1][6] == record["rows"][1][5] - record["rows"][0][5]  # the difference column
+    assert (tmp_path / "out" / "ssl" / "teacher_backbone.safetensors").is_file()
