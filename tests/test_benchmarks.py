@@ -121,7 +121,8 @@ def test_supervised_ceiling_tiny_cpu_prints_the_table(tmp_path, bench_common, sh
         ["--tiny", "--data", str(shared_data), "--output-dir", str(tmp_path / "out"), "--markdown", str(md)]
     )
     rows = bench_common.parse_table(md.read_text().split("\n\n", 2)[-1])
-    assert [r["training"] for r in rows] == ["random init", "self-supervised (ours)", "supervised, same backbone and batches"]
+    trainings = ["random init", "self-supervised (ours)", "supervised, same backbone and batches"]
+    assert [r["training"] for r in rows] == trainings
     assert [r["iterations"] for r in rows] == ["0", "6", "6"]
     assert all(0.0 <= row[5] <= 100.0 for row in record["rows"])
     assert record["rows"][1][6] == record["rows"][1][5] - record["rows"][0][5]  # the difference column
