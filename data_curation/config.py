@@ -47,6 +47,7 @@ class EmbedConfig:
     mean: list[float] = field(default_factory=list)  # normalisation; empty: the checkpoint's / model's / ImageNet
     std: list[float] = field(default_factory=list)
     patch_mean: bool = False  # feature = [CLS, mean patch token] instead of CLS alone
+    flip_average: bool = False  # feature = mean of the image's and its mirror's (2x the compute; copy detection)
     dtype: str = "float16"  # float16 | float32 (.npy shards)
     shard_size: int = 100_000  # images per shard (the unit of resumption and of array-job work)
     batch_size: int = 256

@@ -273,6 +273,12 @@ class Preprocess:
 
 
 # ------------------------------------------------------------------------------------------ plan
+def feature_name(e: EmbedConfig) -> str:
+    """What a row is: ``cls`` or ``cls+patch_mean``, with ``+flip_average`` when mirrored images are averaged in."""
+    name = "cls+patch_mean" if e.patch_mean else "cls"
+    return name + "+flip_average" if e.flip_average else name
+
+
 def make_plan(e: EmbedConfig, dataset: Any) -> dict[str, Any]:
     """What the shards of this run depend on, and their layout (written to ``embed_plan.json``)."""
     n = len(dataset)
@@ -280,7 +286,7 @@ def make_plan(e: EmbedConfig, dataset: Any) -> dict[str, Any]:
     settings = {
         "input": {k: v for k, v in asdict(e.input).items() if k not in ("max_bad_fraction", "source")},
         "model": model_fingerprint(e.model),
-        "feature": "cls+patch_mean" if e.patch_mean else "cls",
+        "feature": feature_name(e),
         "crop": e.crop,
         "resize": e.resize,
         "mean": list(e.mean),
@@ -406,6 +412,7 @@ def embed_records(
         amp_dtype=_amp_dtype(e.amp, device),
         patch_mean=e.patch_mean,
         normalize=True,
+        flip_average=e.flip_average,
         progress=progress,
     )
     feats, index = feats.numpy(), index.numpy()
@@ -516,7 +523,7 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
         device = torch.device(e.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_model(e.model, device)
         pre = Preprocess.resolve(e, model.crop, model.mean, model.std)
-        feature = {"feature": "cls+patch_mean" if e.patch_mean else "cls", **asdict(pre)}
+        feature = {"feature": feature_name(e), **asdict(pre)}
         write_json(
             out / "embed_info.json",
             {

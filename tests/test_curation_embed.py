@@ -173,6 +173,34 @@ def test_changed_settings_need_force_and_patch_mean_doubles_the_dim(setup, tmp_p
     np.testing.assert_allclose(x, reference(setup, paths, patch_mean=True), atol=2e-3)
 
 
+def test_flip_average_embeds_a_mirrored_copy_as_its_original(setup, tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        image = rng.integers(0, 255, size=(16, 16, 3), dtype=np.uint8)
+        Image.fromarray(image).save(folder / f"{i}_a.png")
+        Image.fromarray(np.ascontiguousarray(image[:, ::-1])).save(folder / f"{i}_b.png")
+    rows = {}
+    for flip in (False, True):
+        cfg = config(setup, flip_average=flip)
+        cfg.embed.input.path = str(folder)
+        cfg.embed.dtype = "float32"
+        run_embed(tmp_path / str(flip), cfg)
+        x, paths = emb_io.load_embeddings(tmp_path / str(flip) / "embeddings")
+        rows[flip] = {os.path.basename(p): v for p, v in zip(paths, x)}
+    for i in range(3):
+        assert np.abs(rows[False][f"{i}_a.png"] - rows[False][f"{i}_b.png"]).max() > 1e-3
+        np.testing.assert_allclose(rows[True][f"{i}_a.png"], rows[True][f"{i}_b.png"], atol=1e-5)
+    plain = reference(setup, [folder / f"{i}_{s}.png" for i in range(3) for s in "ab"])
+    both = plain[0::2] + plain[1::2]
+    expected = both / np.linalg.norm(both, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.stack([rows[True][f"{i}_a.png"] for i in range(3)]), expected, atol=1e-5)
+    with pytest.raises(RuntimeError, match="differs in: feature"):
+        cfg.embed.flip_average = False
+        run_embed(tmp_path / "True", cfg)
+
+
 def test_file_list_input_and_interop_weights_give_the_same_embeddings(setup, tmp_path):
     """The same weights in the timm layout (``interop``) embed a file list exactly like our export."""
     from safetensors.torch import save_file

@@ -183,6 +183,26 @@ def test_extract_features_matches_direct_forward():
     assert not both.is_inference()  # usable for training a linear head
 
 
+def test_flip_average_gives_an_image_and_its_mirror_the_same_row():
+    torch.manual_seed(0)
+    model = tiny_vit(layerscale_init=1.0)  # at 1e-5 the blocks barely touch the CLS token: every image looks alike
+    data = random_arrays(6)
+    mirrored = ArrayDataset(np.ascontiguousarray(data.images[:, :, ::-1]), data.labels)
+    tf = eval_transform()
+    plain, _ = extract_features(model, data, tf, batch_size=4, progress=False)
+    plain_mirrored, _ = extract_features(model, mirrored, tf, batch_size=4, progress=False)
+    assert (plain - plain_mirrored).abs().max() > 1e-3  # the ViT is not mirror-invariant by itself
+    avg, _ = extract_features(model, data, tf, batch_size=4, flip_average=True, progress=False)
+    avg_mirrored, _ = extract_features(model, mirrored, tf, batch_size=4, flip_average=True, progress=False)
+    torch.testing.assert_close(avg, avg_mirrored, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(avg, F.normalize(plain + plain_mirrored, dim=-1), rtol=1e-4, atol=1e-5)
+    raw, _ = extract_features(model, data, tf, batch_size=4, normalize=False, flip_average=True, progress=False)
+    with torch.no_grad():
+        x = torch.stack([tf(data[i][0]) for i in range(6)])
+        expected = (model.eval()(x)["cls"] + model(x.flip(-1))["cls"]) / 2
+    torch.testing.assert_close(raw, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_shard_and_unshard_roundtrip():
     n, world = 11, 3
     shards = [shard_indices(n, r, world) for r in range(world)]

@@ -85,6 +85,11 @@ def backbone_features(out: dict[str, Tensor], patch_mean: bool = False) -> Tenso
     return torch.cat([out["cls"], out["patch"].mean(dim=1)], dim=-1)
 
 
+def _features(backbone: nn.Module, images: Tensor, patch_mean: bool, normalize: bool) -> Tensor:
+    f = backbone_features(backbone(images), patch_mean).float()
+    return F.normalize(f, dim=-1) if normalize else f
+
+
 def extract_features(
     backbone: nn.Module,
     dataset: Dataset,
@@ -96,6 +101,7 @@ def extract_features(
     *,
     patch_mean: bool = False,
     normalize: bool = True,
+    flip_average: bool = False,
     gather: bool = True,
     progress: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -103,7 +109,9 @@ def extract_features(
 
     ``transform`` defaults to :func:`eval_transform` with ImageNet statistics; ``device`` to the
     backbone's; ``amp_dtype`` (e.g. ``torch.bfloat16``) enables autocast. ``patch_mean`` appends the
-    mean patch token (``D`` doubles); ``normalize`` L2-normalizes each row. The backbone runs in eval
+    mean patch token (``D`` doubles); ``normalize`` L2-normalizes each row. ``flip_average`` also runs
+    the horizontally mirrored image and returns the mean of the two features (each L2-normalized first
+    when ``normalize``), so an image and its mirror get the same row. The backbone runs in eval
     mode under ``torch.inference_mode`` and gets its training mode back afterwards. See the module
     docstring for the distributed behaviour and ``gather``.
     """
@@ -132,8 +140,10 @@ def extract_features(
     try:
         with torch.inference_mode(), autocast:
             for images, targets in tqdm(loader, desc="features", disable=not progress or rank != 0, leave=False):
-                out = backbone(images.to(device, non_blocking=True))
-                f = backbone_features(out, patch_mean).float()
+                images = images.to(device, non_blocking=True)
+                f = _features(backbone, images, patch_mean, normalize)
+                if flip_average:
+                    f = (f + _features(backbone, images.flip(-1), patch_mean, normalize)) / 2
                 feats.append(F.normalize(f, dim=-1) if normalize else f)
                 labels.append(targets.to(torch.int64))
     finally:
