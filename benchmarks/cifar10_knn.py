@@ -141,7 +141,8 @@ class BudgetSchedule:
 
 
 def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Train for ``args.budget_min`` minutes of training time; k-NN at ``args.evals`` points."""
+    """Train for ``args.budget_min`` minutes of training time; k-NN at ``args.evals`` points; with
+    ``args.save_run``, export the EMA teacher's backbone there as the trainer does at the end of a run."""
     from dinov2.data.gpu_augmentations import GPUTrainLoader
     from dinov2.distributed.env import DistEnv
     from dinov2.distributed.parallelize import parallelize
@@ -206,6 +207,16 @@ def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, 
             break
         segment_start = window_start = time.perf_counter()
         window_steps = 0
+    if args.save_run:
+        from dinov2.config import to_yaml
+        from dinov2.train.export import export_backbone
+
+        run_dir = Path(args.save_run)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        export_backbone(model.teacher.backbone, run_dir / "teacher_backbone.safetensors", DistEnv())
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "knn.json").write_text(json.dumps({"top1": curve[-1]}))
+        print(f"teacher backbone written to {run_dir}", flush=True)
     return {
         "steps": it,
         "epochs": it * batch / num_train,
@@ -270,6 +281,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", default=None, help="write/update the table (and plot links) in this markdown file")
     p.add_argument(
         "--from-json", default=None, help="no training: report a saved cifar10_knn.json (table, plots, markdown)"
+    )
+    p.add_argument(
+        "--save-run",
+        default=None,
+        help="also write the trained teacher backbone + config.yaml here (a run dir that dinov2-eval, "
+        "dinov2-curate embed and DINOV2_CURATION_MODEL read)",
     )
     p.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     return p.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,27 @@ def cifar_pretrained(shared_data, tmp_path_factory) -> PretrainedRun:
     random_knn = knn_of_backbone(build_backbone(cfg.model), cfg, torch.device("cpu"))
     result = train(cfg)
     return PretrainedRun(run_dir, result.knn, random_knn)
+
+
+@pytest.fixture(scope="session")
+def curation_model(request) -> PretrainedRun:
+    """The model the curation end-to-end tests embed with: the run dir named by ``DINOV2_CURATION_MODEL``
+    (e.g. written on a GPU by ``benchmarks/cifar10_knn.py --save-run DIR``), else the CPU fixture
+    ``cifar_pretrained``. ``random_knn`` is empty for an external run."""
+    external = os.environ.get("DINOV2_CURATION_MODEL")
+    if not external:
+        return request.getfixturevalue("cifar_pretrained")
+    run_dir = Path(external).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"DINOV2_CURATION_MODEL={external}: no config.yaml there (expected a run dir)")
+    knn_file = run_dir / "knn.json"
+    top1 = json.loads(knn_file.read_text())["top1"] if knn_file.is_file() else {}
+    knn = {int(k.removeprefix("top1_k")): v for k, v in top1.items() if k.startswith("top1_k")}
+    return PretrainedRun(run_dir, knn, {})
+
+
+def uses_cpu_fixture_model() -> bool:
+    return not os.environ.get("DINOV2_CURATION_MODEL")
 
 
 # ------------------------------------------------------------------------------------------- SLURM

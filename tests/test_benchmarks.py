@@ -3,6 +3,7 @@ the analytic FLOP count behind MFU equals torch's flop counter on the real step.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench_common,
     md = tmp_path / "BENCH.md"
     result = cifar10_knn.main(
         ["--device", "cpu", "--tiny", "--data", str(shared_data / "cifar10"), "--budget-min", "0.08",
-         "--output-dir", str(tmp_path / "out"), "--markdown", str(md)]
+         "--output-dir", str(tmp_path / "out"), "--markdown", str(md), "--save-run", str(tmp_path / "run")]
     )  # fmt: skip
     row = result["row"]
     assert row["steps"] > 0 and row["epochs"] > 0 and row["img/s"] > 0
@@ -68,6 +69,14 @@ def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench_common,
         assert "](out/cifar10_knn.png)" in text
     again = cifar10_knn.main(["--from-json", str(tmp_path / "out" / "cifar10_knn.json"), "--output-dir", str(tmp_path)])
     assert again["row"] == row  # a saved run (e.g. from the GPU machine) is reported the same way
+
+    # --save-run: the EMA teacher as a run dir that dinov2-eval / dinov2-curate (DINOV2_CURATION_MODEL) load
+    from dinov2.eval.backbone_io import load_backbone
+
+    backbone, cfg = load_backbone(tmp_path / "run")
+    assert cfg.model.embed_dim == 48 and cfg.data.pipeline == "gpu"
+    saved = json.loads((tmp_path / "run" / "knn.json").read_text())["top1"]
+    assert saved["top1_k20"] == row["k-NN top-1 (k=20)"]
 
 
 @pytest.mark.parametrize(
