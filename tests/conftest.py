@@ -71,7 +71,7 @@ def cifar_pretrained(shared_data, tmp_path_factory) -> PretrainedRun:
 def curation_model(request) -> PretrainedRun:
     """The model the curation end-to-end tests embed with: the run dir named by ``DINOV2_CURATION_MODEL``
     (e.g. written on a GPU by ``benchmarks/cifar10_knn.py --save-run DIR``), else the CPU fixture
-    ``cifar_pretrained``. ``random_knn`` is empty for an external run."""
+    ``cifar_pretrained``. ``knn`` / ``random_knn`` come from the run's ``knn.json`` when it has one."""
     external = os.environ.get("DINOV2_CURATION_MODEL")
     if not external:
         return request.getfixturevalue("cifar_pretrained")
@@ -79,9 +79,12 @@ def curation_model(request) -> PretrainedRun:
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"DINOV2_CURATION_MODEL={external}: no config.yaml there (expected a run dir)")
     knn_file = run_dir / "knn.json"
-    top1 = json.loads(knn_file.read_text())["top1"] if knn_file.is_file() else {}
-    knn = {int(k.removeprefix("top1_k")): v for k, v in top1.items() if k.startswith("top1_k")}
-    return PretrainedRun(run_dir, knn, {})
+    saved = json.loads(knn_file.read_text()) if knn_file.is_file() else {}
+
+    def by_k(top1: dict) -> dict[int, float]:
+        return {int(k.removeprefix("top1_k")): v for k, v in top1.items() if k.startswith("top1_k")}
+
+    return PretrainedRun(run_dir, by_k(saved.get("top1", {})), by_k(saved.get("random_init_top1", {})))
 
 
 def uses_cpu_fixture_model() -> bool:

@@ -57,7 +57,7 @@ def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench_common,
     )  # fmt: skip
     row = result["row"]
     assert row["steps"] > 0 and row["epochs"] > 0 and row["img/s"] > 0
-    assert 0.0 <= row["k-NN top-1 (k=20)"] <= 100.0
+    assert 0.0 <= row["k-NN top-1 (k=20)"] <= 100.0 and 0.0 <= row["random init (k=20)"] <= 100.0
     assert len(result["curve"]) == 2 and len(result["losses"]) == row["steps"]
     assert all(np.isfinite(result["losses"]))
     assert (tmp_path / "out" / "cifar10_knn.json").is_file()
@@ -75,8 +75,9 @@ def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench_common,
 
     backbone, cfg = load_backbone(tmp_path / "run")
     assert cfg.model.embed_dim == 48 and cfg.data.pipeline == "gpu"
-    saved = json.loads((tmp_path / "run" / "knn.json").read_text())["top1"]
-    assert saved["top1_k20"] == row["k-NN top-1 (k=20)"]
+    saved = json.loads((tmp_path / "run" / "knn.json").read_text())
+    assert saved["top1"]["top1_k20"] == row["k-NN top-1 (k=20)"]
+    assert saved["random_init_top1"]["top1_k20"] == row["random init (k=20)"]
 
 
 @pytest.mark.parametrize(
