@@ -146,7 +146,7 @@ class BudgetSchedule:
 
 def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Train for ``args.budget_min`` minutes of training time; k-NN at ``args.evals`` points; with
-    ``args.save_run``, export the EMA teacher's backbone there as the trainer does at the end of a run."""
+    ``args.save_run``, write the EMA teacher's backbone and the config there as a run dir."""
     from dinov2.data.gpu_augmentations import GPUTrainLoader
     from dinov2.distributed.env import DistEnv
     from dinov2.distributed.parallelize import parallelize
@@ -170,6 +170,7 @@ def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, 
     tick = time.perf_counter()
     random_init = knn_top1(model, data, cfg, ks, args.eval_batch_size)  # the baseline the run must beat
     print(f"  random init: k-NN top-1 (k=20) {random_init[20]:.2f} %", flush=True)
+    random_init_top1 = {f"top1_k{k}": v for k, v in random_init.items()}
     losses: list[float] = []
     pending: list[torch.Tensor] = []
     curve: list[dict[str, float]] = []
@@ -214,16 +215,12 @@ def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, 
             break
         segment_start = window_start = time.perf_counter()
         window_steps = 0
-    if args.save_run:
-        from dinov2.config import to_yaml
-        from dinov2.train.export import export_backbone
+    if args.save_run:  # one process, no FSDP: the plain state dict is the full one
+        from dinov2.eval.backbone_io import save_backbone
 
         run_dir = Path(args.save_run)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        export_backbone(model.teacher.backbone, run_dir / "teacher_backbone.safetensors", DistEnv())
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        baseline = {f"top1_k{k}": v for k, v in random_init.items()}
-        (run_dir / "knn.json").write_text(json.dumps({"top1": curve[-1], "random_init_top1": baseline}))
+        save_backbone(model.exported_backbone(), cfg, run_dir, "teacher_backbone.safetensors")
+        (run_dir / "knn.json").write_text(json.dumps({"top1": curve[-1], "random_init_top1": random_init_top1}))
         print(f"teacher backbone written to {run_dir}", flush=True)
     return {
         "steps": it,
@@ -234,7 +231,7 @@ def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, 
         "losses": losses,
         "curve": curve,
         "top1": {k: v for k, v in curve[-1].items() if k.startswith("top1_")},
-        "random_init_top1": {f"top1_k{k}": v for k, v in random_init.items()},
+        "random_init_top1": random_init_top1,
     }
 
 

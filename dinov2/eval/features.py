@@ -86,6 +86,7 @@ def backbone_features(out: dict[str, Tensor], patch_mean: bool = False) -> Tenso
 
 
 def _features(backbone: nn.Module, images: Tensor, patch_mean: bool, normalize: bool) -> Tensor:
+    """One batch's evaluation features (float32), L2-normalized when ``normalize``."""
     f = backbone_features(backbone(images), patch_mean).float()
     return F.normalize(f, dim=-1) if normalize else f
 
@@ -144,7 +145,8 @@ def extract_features(
                 f = _features(backbone, images, patch_mean, normalize)
                 if flip_average:
                     f = (f + _features(backbone, images.flip(-1), patch_mean, normalize)) / 2
-                feats.append(F.normalize(f, dim=-1) if normalize else f)
+                    f = F.normalize(f, dim=-1) if normalize else f
+                feats.append(f)
                 labels.append(targets.to(torch.int64))
     finally:
         backbone.train(was_training)
