@@ -38,6 +38,8 @@ STAGES = MappingProxyType(
         "cluster": "data_curation.kmeans:run_cluster",
         "sample": "data_curation.sample:run_sample",
         "manifest": "data_curation.manifest:run_manifest",
+        "export-shards": "data_curation.export_shards:run_export_shards",
+        "pack": "data_curation.pack:run_pack",
     }
 )
 

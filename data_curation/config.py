@@ -16,7 +16,7 @@ from pathlib import Path
 class EmbedInputConfig:
     """The images to embed: the fields of :class:`dinov2.config.DatasetConfig` that name a dataset."""
 
-    kind: str = "folder"  # folder | filelist | manifest | blobs | arrays | demo (dinov2.data.build_dataset)
+    kind: str = "folder"  # folder | filelist | manifest | blobs | arrays | demo | shards (dinov2.data.build_dataset)
     path: str = ""  # folder root, list/manifest file, blobs folder, .npz; "{split}" is replaced
     split: str = "train"  # for blobs/demo datasets, or a "{split}" in path / subset_path
     subset_path: str = ""  # blobs: optional .npy of indices to keep
@@ -147,6 +147,35 @@ class ManifestConfig:
 
 
 @dataclass
+class PackConfig:
+    """``pack``: images (folder, file list, manifest or shards) -> tar shards (data_curation.pack)."""
+
+    kind: str = "folder"  # folder | filelist | manifest | shards: what `path` is
+    path: str = ""  # the images to pack
+    output: str = "shards"  # folder for the shards (relative: to the work dir)
+    name: str = "train"  # shard file names: {name}-000000.tar, ...
+    samples_per_shard: int = 10_000
+    shuffle: bool = True  # shuffle the samples across shards (seeded); false keeps the input order
+    seed: int = 0
+    verify: bool = True  # decode every image first; undecodable ones are left out and listed in skipped.txt
+    num_threads: int = 4  # images read (and verified) in parallel
+
+
+@dataclass
+class ExportShardsConfig:
+    """``export-shards``: the manifest's images -> new shuffled tar shards (data_curation.export_shards)."""
+
+    manifest: str = ""  # default: <workdir>/manifest/manifest.csv (or manifest.output)
+    output: str = "export_shards"  # folder for the shards (relative: to the work dir)
+    name: str = "train"
+    samples_per_shard: int = 10_000
+    shuffle: bool = True
+    seed: int = 0
+    verify: bool = True
+    num_threads: int = 4
+
+
+@dataclass
 class CurationConfig:
     embeddings: str = "embeddings"  # embeddings dir (relative: to the work dir)
     progress: bool = True  # progress bars and k-means logs
@@ -158,6 +187,8 @@ class CurationConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    export_shards: ExportShardsConfig = field(default_factory=ExportShardsConfig)
 
 
 def load_curation_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CurationConfig:

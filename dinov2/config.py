@@ -58,11 +58,12 @@ class HeadConfig:
 # --------------------------------------------------------------------------------------------- data
 @dataclass
 class DatasetConfig:
-    kind: str = "folder"  # folder | filelist | manifest | arrays | demo | blobs (alias cifar10_blobs)
+    kind: str = "folder"  # folder | filelist | manifest | arrays | demo | blobs (alias cifar10_blobs) | shards
     path: str = ""  # folder root, list/manifest file, .npz of arrays, blobs folder; "{split}" is replaced
     split: str = "train"  # for datasets that have splits (demo, blobs) or a "{split}" in path
     max_bad_fraction: float = 0.5  # stop if more than this fraction of samples fail to decode
     subset_path: str = ""  # blobs: optional .npy of indices to keep ("{split}" is replaced)
+    index_cache_dir: str = ""  # shards: where indexes of read-only shards go ("": ~/.cache/dinov2/shard-index)
     demo_image_size: int = 32  # demo: side of the generated images
     demo_num_train: int = 5000  # demo: images in the train split
     demo_num_test: int = 1000  # demo: images in the test split
@@ -110,6 +111,7 @@ class DataConfig:
     num_workers: int = 8
     pin_memory: bool = True
     pipeline: str = "cpu"  # cpu | gpu
+    shuffle_window: int = 0  # shards: shuffle within windows of this many shards (0: one permutation of all)
 
 
 # --------------------------------------------------------------------------------------------- loss

@@ -2,7 +2,8 @@
 
 Kinds: ``folder`` (recursive image folder), ``filelist`` (.txt/.csv list), ``manifest`` (curation
 output), ``arrays`` (.npz with ``images`` and optional ``labels``), ``demo`` (drawn on the fly) and
-``blobs`` / ``cifar10_blobs`` (byte blobs + offsets). ``{split}`` in ``path`` or ``subset_path`` is
+``blobs`` / ``cifar10_blobs`` (byte blobs + offsets), ``shards`` (webdataset-layout tar shards, see
+:mod:`dinov2.data.shards`). ``{split}`` in ``path`` or ``subset_path`` is
 replaced by the split, so one config serves the train and the evaluation split.
 """
 
@@ -19,11 +20,12 @@ from dinov2.data.demo import DemoDataset
 from dinov2.data.filelist import FileListDataset
 from dinov2.data.folder import ImageFolderDataset
 from dinov2.data.manifest import ManifestDataset
+from dinov2.data.shards import ShardDataset
 
 if TYPE_CHECKING:
     from dinov2.config import DatasetConfig
 
-DATASET_KINDS = ("folder", "filelist", "manifest", "arrays", "demo", "blobs", "cifar10_blobs")
+DATASET_KINDS = ("folder", "filelist", "manifest", "arrays", "demo", "blobs", "cifar10_blobs", "shards")
 
 
 def build_dataset(cfg: DatasetConfig, split: str | None = None) -> ImageDataset:
@@ -40,6 +42,8 @@ def build_dataset(cfg: DatasetConfig, split: str | None = None) -> ImageDataset:
         return FileListDataset(path, **robust)
     if cfg.kind == "manifest":
         return ManifestDataset(path, **robust)
+    if cfg.kind == "shards":
+        return ShardDataset(path, index_cache_dir=cfg.index_cache_dir, **robust)
     if cfg.kind == "arrays":
         return ArrayDataset.from_npz(path)
     if cfg.kind in ("blobs", "cifar10_blobs"):

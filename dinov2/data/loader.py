@@ -89,6 +89,12 @@ def build_train_loader(
     ``dataset`` overrides ``cfg.dataset`` (for callers that already hold one).
     """
     dataset = build_dataset(cfg.dataset) if dataset is None else dataset
+    if cfg.shuffle_window < 0 or (cfg.shuffle_window and not hasattr(dataset, "shard_sizes")):
+        from dinov2.config import ConfigError
+
+        raise ConfigError(
+            f"data.shuffle_window={cfg.shuffle_window}: needs a value >= 0, and data.dataset.kind=shards when > 0"
+        )
     global_batch_size = cfg.batch_size_per_gpu * world_size
     sampler = InfiniteSampler(
         len(dataset),
@@ -97,6 +103,8 @@ def build_train_loader(
         world_size=world_size,
         start=start_iteration * global_batch_size,
         return_positions=True,
+        group_sizes=getattr(dataset, "shard_sizes", None) if cfg.shuffle_window else None,
+        shuffle_window=cfg.shuffle_window,
     )
     workers = cfg.num_workers
     dataloader = torch.utils.data.DataLoader(

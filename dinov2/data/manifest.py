@@ -1,8 +1,18 @@
-"""The curation pipeline's output: a CSV with the header ``path,source,label`` (label may be empty)."""
+"""The curation pipeline's output: a CSV with the header ``path,source,label`` (label may be empty).
+
+A ``path`` may name a sample of a tar shard, ``/data/train-000003.tar#key`` (what curation writes for
+a pool kept as shards); it is read through the shard's offset index (:mod:`dinov2.data.shards`).
+"""
 
 from __future__ import annotations
 
+import io
+
+from PIL import Image
+
+from dinov2.data.base import decode_image
 from dinov2.data.filelist import FileListDataset, column, read_csv_rows
+from dinov2.data.shards import read_member, split_member_path
 
 MANIFEST_COLUMNS = ("path", "source", "label")
 
@@ -27,3 +37,9 @@ class ManifestDataset(FileListDataset):
     def _read(self, path: str) -> tuple[list[str], list[str | None]]:
         paths, self.sources, labels = read_manifest(path)
         return paths, labels
+
+    def load(self, index: int) -> Image.Image:
+        path = self.path(index)
+        if split_member_path(path) is not None:
+            return decode_image(io.BytesIO(read_member(path)[0]))
+        return super().load(index)

@@ -21,6 +21,25 @@ class StringArray:
         np.cumsum(lengths, out=self._offsets[1:])
         self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
+    @classmethod
+    def from_buffers(cls, buffer: np.ndarray, offsets: np.ndarray) -> StringArray:
+        """The array whose :attr:`buffer` and :attr:`offsets` these are (e.g. read back from a file)."""
+        if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(buffer):
+            raise ValueError("offsets must start at 0 and end at the buffer's length")
+        strings = cls(())
+        strings._buffer, strings._offsets = np.asarray(buffer, dtype=np.uint8), np.asarray(offsets, dtype=np.int64)
+        return strings
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """Every string's UTF-8 bytes, end to end (uint8)."""
+        return self._buffer
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """int64, ``len + 1`` entries: string ``i`` is ``buffer[offsets[i]:offsets[i + 1]]``."""
+        return self._offsets
+
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
