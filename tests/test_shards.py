@@ -21,7 +21,7 @@ from PIL import Image
 from shard_fixtures import encoded_image, truncated_jpeg, write_gnu_tar_shard, write_shards
 from tiny_config import TINY
 
-from dinov2.config import DataConfig, load_config
+from dinov2.config import DataConfig
 from dinov2.data import InfiniteSampler, build_dataset, build_train_loader
 from dinov2.data.samplers import epoch_permutation, windowed_permutation
 from dinov2.data.shard_index import INDEX_SUFFIX, build_index, index_paths, load_or_build_index
@@ -213,19 +213,6 @@ def test_corrupt_and_truncated_members_are_skipped_counted_by_file_and_named_onc
         assert any("truncated" in r.getMessage() and bad[2] in r.getMessage() for r in caplog.records)
 
 
-def test_trainer_over_corrupt_shards_trains_and_reports(tmp_path, caplog):
-    from dinov2.train.trainer import train
-
-    spec, bad = _corrupt_shards(tmp_path / "shards")
-    overrides = TINY + ["data.dataset.kind=shards", f"data.dataset.path={spec}", f"train.output_dir={tmp_path / 'run'}",
-                        "train.max_iterations=3", "eval.final_knn=false", "train.export_teacher=false"]  # fmt: skip
-    with caplog.at_level(logging.WARNING):
-        result = train(load_config("train/demo", overrides))
-    assert result.iterations == 3 and result.num_skipped >= 3  # 24 samples drawn from 18: each bad one at least once
-    for name in bad:
-        assert sum(name in r.getMessage() for r in caplog.records) == 1, name
-
-
 # ---------------------------------------------------------------------------- exact resume, kill -9
 CLI = [sys.executable, "-m", "dinov2.train.cli", "--config", "train/demo"]
 
@@ -237,12 +224,12 @@ def _env() -> dict[str, str]:
 def test_exact_resume_over_shards_after_kill_at_a_random_step(tmp_path):
     """kill -9 once checkpoint k exists (k drawn at random, or DINOV2_KILL_AT), at whatever step the run
     is in by then; the re-run resumes and exports a teacher bit-identical to an uninterrupted run's."""
-    total = 10
+    total = 6
     kill_at = int(os.environ.get("DINOV2_KILL_AT") or random.SystemRandom().randint(1, total - 3))
-    write_shards(tmp_path / "shards", 5, 7, size=16)  # 35 samples, uneven against the global batch of 8
+    write_shards(tmp_path / "shards", 3, 7, size=16)  # 21 samples, uneven against the global batch of 8
     common = TINY + [
         "data.dataset.kind=shards",
-        f"data.dataset.path={tmp_path / 'shards' / 'train-{000000..000004}.tar'}",
+        f"data.dataset.path={tmp_path / 'shards' / 'train-{000000..000002}.tar'}",
         "data.shuffle_window=2",
         "data.num_workers=2",  # forked workers open the shards themselves
         "data.batch_size_per_gpu=8",
@@ -276,17 +263,17 @@ def test_exact_resume_over_shards_after_kill_at_a_random_step(tmp_path):
 
 # ------------------------------------------------------------------ 2-process FSDP: once per epoch
 def test_two_fsdp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
-    shards, per_shard, window = 4, 6, 2
+    shards, per_shard, window = 4, 4, 2
     write_shards(tmp_path / "shards", shards, per_shard, size=16)
-    n = shards * per_shard  # 24 samples; 2 ranks x batch 4 = 8 per step: 3 steps per epoch
+    n = shards * per_shard  # 16 samples; 2 ranks x batch 4 = 8 per step: 2 steps per epoch
     overrides = TINY + [
         "data.dataset.kind=shards",
         f"data.dataset.path={tmp_path / 'shards'}",
         f"data.shuffle_window={window}",
         "data.batch_size_per_gpu=4",
-        "data.num_workers=1",
-        "train.max_iterations=6",
-        "train.checkpoint_every=6",
+        "data.num_workers=0",
+        "train.max_iterations=4",
+        "train.checkpoint_every=4",
         "train.export_teacher=false",
         "eval.final_knn=false",
         "distributed.param_dtype=fp32",
@@ -300,7 +287,7 @@ def test_two_fsdp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
     seen: dict[int, int] = {}  # stream position -> label (= global sample number)
     for rank in range(2):
         batches = json.loads((record / f"rank{rank}.json").read_text())
-        assert len(batches) == 6
+        assert len(batches) == 4
         for positions, labels in batches:
             assert all(p % 2 == rank for p in positions)  # rank r reads positions r, r + 2, ...
             for p, label in zip(positions, labels, strict=True):
@@ -310,8 +297,8 @@ def test_two_fsdp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
     for epoch in range(2):
         labels = [seen[p] for p in range(epoch * n, (epoch + 1) * n)]
         assert sorted(labels) == list(range(n)), f"epoch {epoch}"
-        # reads stay in a window of 2 shards: the first 12 positions of the epoch come from 2 shards
+        # reads stay in a window of 2 shards: the first 8 positions of the epoch come from 2 shards
         window_shards = {label // per_shard for label in labels[: window * per_shard]}
         assert len(window_shards) == window
-    state = json.loads((tmp_path / "run" / "checkpoints" / "ckpt_00000006" / "meta.json").read_text())
+    state = json.loads((tmp_path / "run" / "checkpoints" / "ckpt_00000004" / "meta.json").read_text())
     assert state["world_size"] == 2 and state["sample_position"] == 2 * n
