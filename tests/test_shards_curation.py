@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tiny_config import TINY
 
+from dinov2.data import ManifestDataset
 from dinov2.data.shard_index import INDEX_SUFFIX
 from dinov2.data.shards import ShardDataset, read_member
 
@@ -139,6 +140,9 @@ def test_round_trip_folder_pack_curate_export_shards_train(tmp_path):
     assert dedup["n_kept"] == 24  # the 4 copies are gone: exactly one of each pair is kept
     originals = [read_member(p) for p in paths]
     assert len({_sha(image) for image, *_ in originals}) == 16
+    manifest = ManifestDataset(wd / "manifest" / "manifest.csv")  # data.dataset.kind=manifest reads such rows
+    decoded = Image.open(io.BytesIO(originals[3][0])).convert("RGB")
+    assert np.array_equal(np.asarray(manifest.load(3)), np.asarray(decoded))
 
     exported = _run("export-shards", wd, "export_shards.samples_per_shard=5", *curate)
     assert (exported["n_samples"], exported["n_shards"]) == (16, 4)

@@ -35,6 +35,7 @@ import io
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -100,10 +101,12 @@ def load_indexes(paths: list[str], cache_dir: str | None = None, threads: int = 
         return list(pool.map(load, paths))
 
 
-def pread_exact(fd: int, offset: int, size: int, name: str) -> bytes:
-    """``size`` bytes at ``offset``, or an ``OSError`` naming ``name`` when the file ends before them."""
+def pread_exact(fd: int, offset: int, size: int, name: str | Callable[[], str]) -> bytes:
+    """``size`` bytes at ``offset``, or an ``OSError`` naming ``name`` (a string, or a function that
+    makes it: only called on failure) when the file ends before them."""
     data = os.pread(fd, size, offset)
     if len(data) != size:
+        name = name if isinstance(name, str) else name()
         raise OSError(f"truncated: {name} needs {size} bytes at offset {offset}, the shard has {len(data)} there")
     return data
 
@@ -175,9 +178,8 @@ class ShardDataset(ImageDataset):
     def encoded(self, index: int) -> bytes:
         """The image member's bytes of sample ``index``."""
         shard, _ = self.locate(index)
-        return pread_exact(
-            self._fd(shard), int(self.image_offset[index]), int(self.image_size[index]), self.describe(index)
-        )
+        offset, size = int(self.image_offset[index]), int(self.image_size[index])
+        return pread_exact(self._fd(shard), offset, size, lambda: self.describe(index))
 
     def image_name(self, index: int) -> str:
         """The image member's name in its shard (``key.jpg``...)."""
@@ -190,7 +192,8 @@ class ShardDataset(ImageDataset):
         ix = self.shard_index(shard)
         if ix.json_offset[local] < 0:
             return None
-        return pread_exact(self._fd(shard), int(ix.json_offset[local]), int(ix.json_size[local]), self.describe(index))
+        offset, size = int(ix.json_offset[local]), int(ix.json_size[local])
+        return pread_exact(self._fd(shard), offset, size, lambda: self.describe(index))
 
     def load(self, index: int) -> Image.Image:
         return decode_image(io.BytesIO(self.encoded(index)))
