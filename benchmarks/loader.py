@@ -121,11 +121,20 @@ def rate(fn, indices: list[int], rounds: int) -> tuple[float, float]:
 
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """The table's header and rows (see the module docstring), measured with one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a DataLoader worker runs with one torch thread
+    try:
+        return _measure(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[str, Any]]]:
     from dinov2.config import CropsConfig
     from dinov2.data.augmentations import MultiCropAugmentation
     from dinov2.data.augmented import AugmentedDataset
 
-    torch.set_num_threads(1)  # a DataLoader worker runs with one torch thread
     data = Path(args.data) if args.data and (Path(args.data) / "train_jpeg.npy").is_file() else None
     w, h = (int(v) for v in args.size.split("x"))
     images = source_images(args.images, (w, h), data)
