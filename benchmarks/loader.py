@@ -44,8 +44,14 @@ from benchmarks.common import format_table, header_lines, run_header, update_mar
 
 # Naive timm student + teacher step on one H100 (ENVIRONMENT.md, measured 2026-11-23).
 STEP_RATES = {"ViT-S/14": 829.0, "ViT-L/14": 132.0}
-COLUMNS = ["layout", "images", "decode img/s", "decode + augment img/s", "wall img/s",
-           *(f"workers for {m} ({r:.0f} img/s)" for m, r in STEP_RATES.items())]  # fmt: skip
+COLUMNS = [
+    "layout",
+    "images",
+    "decode img/s",
+    "decode + augment img/s",
+    "wall img/s",
+    *(f"workers for {m} ({r:.0f} img/s)" for m, r in STEP_RATES.items()),
+]
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
@@ -149,21 +155,31 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[str, A
                 augmented[i]
             decode, _ = rate(dataset.get, order, args.rounds)
             full, full_wall = rate(augmented.__getitem__, order, args.rounds)
-            row = {"layout": name, "images": len(order), "decode img/s": decode, "decode + augment img/s": full,
-                   "wall img/s": full_wall}  # fmt: skip
+            row = {
+                "layout": name,
+                "images": len(order),
+                "decode img/s": decode,
+                "decode + augment img/s": full,
+                "wall img/s": full_wall,
+            }
             for model, step in STEP_RATES.items():
                 row[f"workers for {model} ({step:.0f} img/s)"] = math.ceil(step / full)
             rows.append(row)
-            print(f"{name}: decode {decode:.1f}, decode + augment {full:.1f} img/s per CPU second "
-                  f"({full_wall:.1f} per wall second)", flush=True)  # fmt: skip
+            print(
+                f"{name}: decode {decode:.1f}, decode + augment {full:.1f} img/s per CPU second "
+                f"({full_wall:.1f} per wall second)",
+                flush=True,
+            )
     header = run_header(torch.device("cpu"))
-    header.update({
-        "images": f"{w}x{h} JPEG q90 ({'CIFAR-10 upscaled' if data is not None else 'synthetic'}), "
-                  f"mean {statistics.mean(len(b) for b in images) / 1024:.0f} KiB",
-        "crops": "2x224 + 8x98",
-        "shards": f"{args.per_shard} samples each, shuffle window {args.window}",
-        "step rates": "naive timm step on an H100 (ENVIRONMENT.md)",
-    })  # fmt: skip
+    header.update(
+        {
+            "images": f"{w}x{h} JPEG q90 ({'CIFAR-10 upscaled' if data is not None else 'synthetic'}), "
+            f"mean {statistics.mean(len(b) for b in images) / 1024:.0f} KiB",
+            "crops": "2x224 + 8x98",
+            "shards": f"{args.per_shard} samples each, shuffle window {args.window}",
+            "step rates": "naive timm step on an H100 (ENVIRONMENT.md)",
+        }
+    )
     return header, rows
 
 

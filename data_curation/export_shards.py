@@ -47,7 +47,7 @@ def run_export_shards(workdir: str | Path, cfg: CurationConfig | None = None, fo
     settings = ShardSetSettings(e.name, e.samples_per_shard, e.shuffle, e.seed, e.verify, e.num_threads)
     out = resolve_path(workdir, e.output)
     return write_shard_set(
-        PackInput("manifest", str(manifest.resolve())),
+        PackInput("manifest", str(manifest.resolve()), key="export_shards.manifest"),
         out,
         settings,
         force=force,

@@ -25,12 +25,12 @@ out, logged once and listed in ``skipped.txt``, so a shard may hold fewer sample
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 INPUT_KINDS = ("folder", "filelist", "manifest", "shards")
 PLAN_DIR = ".pack"
 SUMMARY_FILE = "pack.json"
+READ_AHEAD = 16  # images read ahead per thread
 
 
 # ------------------------------------------------------------------------------------------- input
@@ -65,14 +66,19 @@ class PackItem:
 class PackInput:
     """The images of a dataset, as :class:`PackItem` on demand (nothing per image held in Python objects)."""
 
-    def __init__(self, kind: str, path: str):
+    def __init__(self, kind: str, path: str, key: str = "pack.path"):
         from dinov2.config import DatasetConfig
         from dinov2.data import build_dataset
+        from dinov2.data.shards import expand_shard_paths
 
         if kind not in INPUT_KINDS:
             raise ValueError(f"pack input kind must be one of {', '.join(INPUT_KINDS)}, got {kind!r}")
         if not path:
-            raise ValueError("no images given: set pack.path (a folder, file list, manifest or shards)")
+            raise ValueError(f"no images given: set {key} (a folder, file list, manifest or shards)")
+        if kind == "shards":
+            expand_shard_paths(path, key=key)  # each shard exists (a pattern is no path)
+        elif not os.path.exists(path):
+            raise FileNotFoundError(f"{key}={path!r} does not exist")
         self.kind = kind
         self.dataset = build_dataset(DatasetConfig(kind=kind, path=path))
         self.classes: list[str] = list(getattr(self.dataset, "classes", []) or [])
@@ -198,12 +204,19 @@ def write_shard_set(
     num_shards = max(1, -(-n // settings.samples_per_shard))
     names = shard_names(settings, num_shards)
     plan = {
-        "fingerprint": fingerprint(section, source.fingerprint(), settings.name, settings.samples_per_shard,
-                                   settings.shuffle, settings.seed, settings.verify),
+        "fingerprint": fingerprint(
+            section,
+            source.fingerprint(),
+            settings.name,
+            settings.samples_per_shard,
+            settings.shuffle,
+            settings.seed,
+            settings.verify,
+        ),
         "count": n,
         "samples_per_shard": settings.samples_per_shard,
         "shards": names,
-    }  # fmt: skip
+    }
     plan_file = out / PLAN_DIR / "plan.json"
     old = json.loads(plan_file.read_text()) if plan_file.is_file() else None
     if old is not None and old.get("fingerprint") != plan["fingerprint"]:
@@ -216,8 +229,10 @@ def write_shard_set(
     elif old is not None and force:
         _remove_plan_files(out, old)
     elif old is None and any(out.glob(f"{settings.name}-*.tar")) and not force:
-        raise RuntimeError(f"{out} already holds {settings.name}-*.tar shards not written by {section}; "
-                           "choose another output folder (or --force to write beside them)")  # fmt: skip
+        raise RuntimeError(
+            f"{out} already holds {settings.name}-*.tar shards not written by {section}; "
+            "choose another output folder (or --force to write beside them)"
+        )
     write_json(plan_file, plan)
     summary_file = out / SUMMARY_FILE
     if summary_file.is_file() and not force:
@@ -232,29 +247,40 @@ def write_shard_set(
 
         numpy_rng(settings.seed, n).shuffle(order)
     todo = [s for s in range(num_shards) if not (out / names[s]).is_file()]
-    done_samples = n - sum(len(order[s * settings.samples_per_shard : (s + 1) * settings.samples_per_shard])
-                           for s in todo)  # fmt: skip
-    log.info("%s: %d images -> %d shards of %d in %s; %d to write", section, n, num_shards,
-             settings.samples_per_shard, out, len(todo))  # fmt: skip
+    done_samples = n - sum(
+        len(order[s * settings.samples_per_shard : (s + 1) * settings.samples_per_shard]) for s in todo
+    )
+    log.info(
+        "%s: %d images -> %d shards of %d in %s; %d to write",
+        section,
+        n,
+        num_shards,
+        settings.samples_per_shard,
+        out,
+        len(todo),
+    )
     bar = tqdm(total=n, initial=done_samples, desc=section, unit="img", disable=not progress, smoothing=0.1)
     width = _width(n)
-    read: Callable[[PackItem], Any] = lambda item: _try_read(item, settings.verify)  # noqa: E731
-    with ThreadPoolExecutor(max_workers=max(1, settings.num_threads)) as pool:
+    read = functools.partial(_try_read, verify=settings.verify)
+    threads = max(1, settings.num_threads)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for s in todo:
-            positions = order[s * settings.samples_per_shard : (s + 1) * settings.samples_per_shard]
-            items = [source.item(int(i)) for i in positions]
+            first = s * settings.samples_per_shard
+            positions = order[first : first + settings.samples_per_shard]
             skipped: list[str] = []
             with ShardWriter(out / names[s]) as writer:
-                for j, (item, result) in enumerate(zip(items, pool.map(read, items))):
-                    if isinstance(result, str):
-                        skipped.append(item.path)
-                        log.warning("%s: skipping unreadable image %s (%s)", section, item.path, result)
-                    else:
-                        data, ext, label, meta = result
-                        writer.add(f"{s * settings.samples_per_shard + j:0{width}d}", data, ext, label, meta)
-                    bar.update(1)
-                write_json(out / PLAN_DIR / f"{s:06d}.json", {"shard": names[s], "count": writer.count,
-                                                              "skipped": skipped})  # fmt: skip
+                for chunk in range(0, len(positions), READ_AHEAD * threads):  # bounded: images held in memory
+                    items = [source.item(int(i)) for i in positions[chunk : chunk + READ_AHEAD * threads]]
+                    for j, (item, result) in enumerate(zip(items, pool.map(read, items)), start=first + chunk):
+                        if isinstance(result, str):
+                            skipped.append(item.path)
+                            log.warning("%s: skipping unreadable image %s (%s)", section, item.path, result)
+                        else:
+                            writer.add(f"{j:0{width}d}", *result)
+                        bar.update(1)
+                write_json(
+                    out / PLAN_DIR / f"{s:06d}.json", {"shard": names[s], "count": writer.count, "skipped": skipped}
+                )
             bar.set_postfix(shard=s)
     bar.close()
 
@@ -273,8 +299,13 @@ def write_shard_set(
         "samples_per_shard": [r["count"] for r in receipts],
     }
     write_json(summary_file, summary)
-    log.info("%s: %d samples in %d shards; train with data.dataset.kind=shards data.dataset.path='%s'",
-             section, summary["n_samples"], num_shards, summary["dataset_path"])  # fmt: skip
+    log.info(
+        "%s: %d samples in %d shards; train with data.dataset.kind=shards data.dataset.path='%s'",
+        section,
+        summary["n_samples"],
+        num_shards,
+        summary["dataset_path"],
+    )
     return summary
 
 

@@ -160,10 +160,20 @@ def test_window_sampler_resumes_at_any_world_size():
 
     def stream(world: int, start: int, count: int) -> list[int]:
         ranks = [
-            iter(InfiniteSampler(n, seed=2, rank=r, world_size=world, start=start, return_positions=True,
-                                 group_sizes=sizes, shuffle_window=2))
+            iter(
+                InfiniteSampler(
+                    n,
+                    seed=2,
+                    rank=r,
+                    world_size=world,
+                    start=start,
+                    return_positions=True,
+                    group_sizes=sizes,
+                    shuffle_window=2,
+                )
+            )
             for r in range(world)
-        ]  # fmt: skip
+        ]
         pairs = dict(p for it in ranks for p in (next(it) for _ in range(count // world)))
         return [pairs[p] for p in range(start, start + count)]
 
@@ -280,8 +290,16 @@ def test_two_fsdp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
         f"train.output_dir={tmp_path / 'run'}",
     ]
     record = tmp_path / "seen"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(TESTS / "shards_dist_worker.py"), str(record), *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(TESTS / "shards_dist_worker.py"),
+        str(record),
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=TESTS.parent)
     assert proc.returncode == 0, proc.stderr[-5000:]
     seen: dict[int, int] = {}  # stream position -> label (= global sample number)

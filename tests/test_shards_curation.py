@@ -117,8 +117,9 @@ def test_round_trip_folder_pack_curate_export_shards_train(tmp_path):
     assert packed["n_samples"] == 28 and packed["n_shards"] == 4
 
     torch.manual_seed(0)
-    save_backbone(build_backbone(tiny_config().model).eval(), tiny_config(), tmp_path / "model",
-                  "teacher_backbone.safetensors")  # fmt: skip
+    save_backbone(
+        build_backbone(tiny_config().model).eval(), tiny_config(), tmp_path / "model", "teacher_backbone.safetensors"
+    )
     curate = [
         "embed.input.kind=shards",
         f"embed.input.path={packed['dataset_path']}",
@@ -159,9 +160,17 @@ def test_round_trip_folder_pack_curate_export_shards_train(tmp_path):
     order = [json.loads(ds.metadata(i))["path"] for i in range(len(ds))]
     assert order != paths  # shuffled
 
-    run = load_config("train/demo", TINY + [
-        "data.dataset.kind=shards", f"data.dataset.path={exported['dataset_path']}", "data.shuffle_window=2",
-        f"train.output_dir={tmp_path / 'run'}", "train.max_iterations=2", "eval.final_knn=false",
-    ])  # fmt: skip
+    run = load_config(
+        "train/demo",
+        TINY
+        + [
+            "data.dataset.kind=shards",
+            f"data.dataset.path={exported['dataset_path']}",
+            "data.shuffle_window=2",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_iterations=2",
+            "eval.final_knn=false",
+        ],
+    )
     result = train(run)
     assert result.iterations == 2 and result.num_skipped == 0 and result.exported.is_file()
