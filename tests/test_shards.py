@@ -111,6 +111,21 @@ def test_index_goes_to_the_cache_dir_when_beside_is_not_writable(tmp_path, monke
     assert cached.parent == tmp_path / "cache"
 
 
+def test_threads_reading_many_shards_get_the_right_bytes(tmp_path, monkeypatch):
+    """Threads share a dataset (the device pipeline decodes with a thread pool): with one open file per
+    thread allowed, every read evicts another; no thread may close a descriptor another is reading."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr("dinov2.data.shards.MAX_OPEN_SHARDS", 1)
+    write_shards(tmp_path, 6, 5, size=8)
+    ds = ShardDataset(str(tmp_path))
+    expected = [encoded_image(n, 8) for n in range(len(ds))]
+    order = np.random.default_rng(0).permutation(np.tile(np.arange(len(ds)), 300)).tolist()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(ds.encoded, order))
+    assert all(data == expected[i] for i, data in zip(order, got, strict=True))
+
+
 def test_compressed_and_empty_shards_are_clear_errors(tmp_path):
     import gzip
 

@@ -74,7 +74,12 @@ def test_pack_writes_labelled_shards_resumes_per_shard_and_refuses_to_mix_plans(
     names = [f"train-{s:06d}.tar" for s in range(3)]
     assert all((out / n).is_file() and (out / (n + INDEX_SUFFIX)).is_file() for n in names)
 
-    ds = ShardDataset(summary["dataset_path"])
+    def never(shard):
+        raise AssertionError(f"{shard}: the index pack wrote beside it should have been used")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("dinov2.data.shard_index.build_index", never)
+        ds = ShardDataset(summary["dataset_path"])
     assert len(ds) == 10 and ds.shard_sizes.tolist() == summary["samples_per_shard"]  # planned 4, 4, 3; one left out
     by_path = {}
     for i in range(len(ds)):

@@ -76,16 +76,11 @@ class ShardIndex:
         return len(self.image_offset)
 
     def member_name(self, i: int) -> str:
+        """The image member's name, its extension in lower case."""
         return f"{self.keys[i]}.{IMAGE_EXTS[int(self.image_ext[i])]}"
 
-    def find(self, key: str) -> int:
-        """Sample number of ``key`` (a linear search: for occasional look-ups, e.g. by export)."""
-        for i, k in enumerate(self.keys):
-            if k == key:
-                return i
-        raise KeyError(key)
-
     def key_positions(self) -> dict[str, int]:
+        """Key → sample number (for look-ups by name, e.g. of manifest rows)."""
         return {k: i for i, k in enumerate(self.keys)}
 
     # ------------------------------------------------------------------------------ persistence

@@ -34,6 +34,7 @@ import glob
 import io
 import os
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -136,8 +137,7 @@ class ShardDataset(ImageDataset):
         self.image_offset = np.concatenate([ix.image_offset for ix in indexes])
         self.image_size = np.concatenate([ix.image_size for ix in indexes])
         self.labels = np.concatenate([ix.label for ix in indexes])
-        self._files: OrderedDict[int, int] = OrderedDict()  # shard number -> fd, per process
-        self._files_pid = os.getpid()
+        self._open_files = _OpenFiles(self.shards)
 
     # ------------------------------------------------------------------------------ lookup
     def __len__(self) -> int:
@@ -163,17 +163,7 @@ class ShardDataset(ImageDataset):
 
     # ------------------------------------------------------------------------------ reading
     def _fd(self, shard: int) -> int:
-        if self._files_pid != os.getpid():  # a forked DataLoader worker: open its own descriptors
-            self._files, self._files_pid = OrderedDict(), os.getpid()
-        fd = self._files.get(shard)
-        if fd is None:
-            fd = os.open(self.shards[shard], os.O_RDONLY)
-            self._files[shard] = fd
-            if len(self._files) > MAX_OPEN_SHARDS:
-                os.close(self._files.popitem(last=False)[1])
-        else:
-            self._files.move_to_end(shard)
-        return fd
+        return self._open_files.fd(shard)
 
     def encoded(self, index: int) -> bytes:
         """The image member's bytes of sample ``index``."""
@@ -182,7 +172,7 @@ class ShardDataset(ImageDataset):
         return pread_exact(self._fd(shard), offset, size, lambda: self.describe(index))
 
     def image_name(self, index: int) -> str:
-        """The image member's name in its shard (``key.jpg``...)."""
+        """The image member's name in its shard (``key.jpg``...; the extension in lower case)."""
         shard, local = self.locate(index)
         return self.shard_index(shard).member_name(local)
 
@@ -201,19 +191,47 @@ class ShardDataset(ImageDataset):
     def label(self, index: int) -> int:
         return int(self.labels[index])
 
-    # ------------------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_files"] = OrderedDict()  # descriptors do not travel to spawned workers
+        state["_open_files"] = _OpenFiles(self.shards)  # descriptors do not travel to spawned workers
         return state
 
+
+class _OpenFiles:
+    """Read-only descriptors of the shards, opened on first use: up to ``MAX_OPEN_SHARDS`` per thread
+    (least recently used closed first). Each thread has its own, so one thread never closes a
+    descriptor another is reading; a forked process (a DataLoader worker) opens its own."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[tuple[int, OrderedDict[int, int]]] = []  # (pid, a thread's files), for closing
+
+    def fd(self, shard: int) -> int:
+        files = getattr(self._local, "files", None)
+        if files is None or self._local.pid != os.getpid():
+            files = self._local.files = OrderedDict()
+            self._local.pid = os.getpid()
+            with self._lock:
+                self._all.append((os.getpid(), files))
+        fd = files.get(shard)
+        if fd is None:
+            fd = files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            if len(files) > MAX_OPEN_SHARDS:
+                os.close(files.popitem(last=False)[1])
+        else:
+            files.move_to_end(shard)
+        return fd
+
     def __del__(self):
-        if getattr(self, "_files_pid", None) == os.getpid():
-            for fd in getattr(self, "_files", {}).values():
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        for pid, files in getattr(self, "_all", ()):
+            if pid == os.getpid():
+                for fd in files.values():
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
 
 
 def _cached_index(shard: str, cache_dir: str) -> ShardIndex:
