@@ -231,7 +231,6 @@ def test_corrupt_and_truncated_members_are_skipped_counted_by_file_and_named_onc
     assert all(b["global_crops"].shape[0] == 2 * 6 for b in batches)  # replaced, so batches keep their size
     assert not {2, 9, 17} & set(labels)
     assert sorted(loader.skipped_paths) == bad  # counted by file: 3 files, each met in both epochs
-    assert loader.num_skipped == 6
     if num_workers == 0:  # a worker process logs in its own process, out of caplog's reach
         for name in bad:
             assert sum(name in r.getMessage() for r in caplog.records) == 1, name
