@@ -42,7 +42,7 @@ class DescriptorNetwork(nn.Module):
         self.backbone = backbone
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.backbone(images)["cls"]
+        return self.backbone(images)["cls"].contiguous()  # a copy, not a view of the tokens (FSDP2 hooks)
 
 
 class CopyDetectionMetaArch(nn.Module):
