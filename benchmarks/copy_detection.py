@@ -139,6 +139,14 @@ def evaluate(x: np.ndarray, names: list[str], truth: dict[tuple[str, str], str],
     return out
 
 
+def load_image(path: Path) -> Any:
+    """An RGB PIL image, read fully (the file is closed)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def tiny_image(images: list[Any], size: int = 8) -> np.ndarray:
     """The classical baseline: ``size``² colour thumbnail, mean-centred, averaged with its mirror, L2-normalised."""
     from PIL import Image
@@ -165,15 +173,13 @@ def classical_calibration(images: list[Any], x: np.ndarray, target: float = 0.95
     y = tiny_image(
         [make_copy(images[r], list(c.kinds)[n % len(c.kinds)], c.transforms, copy_rng) for n, r in enumerate(rows)]
     )
-    sims_orig = x[rows] @ x.T
-    sims_orig[np.arange(len(rows)), rows] = -np.inf
-    sims_copy = y @ x.T
-    sims_copy[np.arange(len(rows)), rows] = -np.inf
-    k = c.k
-    negatives_orig = -np.sort(-sims_orig, axis=1)[:, :k]
-    negatives_copy = -np.sort(-sims_copy, axis=1)[:, :k]
+    sims = y @ x.T
+    sims[np.arange(len(rows)), rows] = -np.inf  # the original is not a negative
+    nearest = np.argsort(-sims, axis=1)[:, : c.k]
+    to_copy = np.take_along_axis(sims, nearest, axis=1)
+    to_original = np.einsum("nd,nkd->nk", x[rows], x[nearest])
     positive = np.einsum("nd,nd->n", y, x[rows])
-    chosen = choose_threshold(dedup_curve(positive, negatives_orig, negatives_copy, c.duplicate_fraction), target)
+    chosen = choose_threshold(dedup_curve(positive, to_copy, to_original, c.duplicate_fraction), target)
     return None if chosen is None else float(GRID[chosen])
 
 
@@ -275,8 +281,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from PIL import Image
-
     args = parse_args(argv)
     if args.tiny:
         args.originals, args.copies = 400, 80
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     folder = out / "pool"
     truth = build_pool(args.data, folder, args.originals, args.copies)
     names = sorted(p.name for p in folder.iterdir())
-    images = [Image.open(folder / n).convert("RGB") for n in names]
+    images = [load_image(folder / n) for n in names]
     results: dict[str, Any] = {"n_originals": args.originals, "n_copies": args.copies}
     rows = []
 

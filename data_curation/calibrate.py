@@ -12,20 +12,24 @@ of photos above 0.9. So instead of trusting a number, the stage measures:
    stage recorded in ``embed_info.json``; its PCA-whitening too) and round them to the pool's storage
    dtype, so a copy is compared with its original exactly as a duplicate in the pool would be.
 3. **Score.** Positives: the cosine of each copy with its original. Negatives: the ``k`` nearest pool
-   neighbours of each sampled original (itself excluded) and of each copy (its original excluded) —
-   images that are not copies, yet are the most similar ones there are.
+   images of each copy other than its original — the most similar images there are that are not it.
 4. **Estimate precision** for a pool in which a fraction ρ (``duplicate_fraction``) of the images is a
    copy of another one: at threshold t, ρN·r(t) true pairs (r: recall of the planted copies) against
-   N·c(t)/2 false pairs (c: non-copy neighbours above t per image, each false pair counted from both of
-   its ends), so ``precision(t) = ρ r / (ρ r + c / 2)``. The dedup threshold is the lowest t from which
-   the estimated precision stays at or above ``target_precision``; when no t reaches it the stage says
-   so (``dedup.threshold=auto`` then stops with that message rather than guess).
+   N·c(t)/2 false pairs, where c(t) counts, per copy, the neighbours above t that dedup would wrongly
+   join to its original's group — those not already joined to the original itself at t (a pool image
+   the original is linked to is in its group anyway: a natural duplicate of it is not counted as a
+   mistake, so duplicates already in the pool do not make the estimate pessimistic); each false pair
+   has two ends, hence the 1/2: ``precision(t) = ρ r / (ρ r + c / 2)``. The dedup threshold is the
+   lowest t from which the estimated precision stays at or above ``target_precision``; when no t
+   reaches it the stage says so (``dedup.threshold=auto`` then stops with that message rather than guess).
 5. **Decontamination** (when ``decontaminate.eval_sets`` are set): copies of evaluation images against
-   their originals (positives), the nearest evaluation image of ``n_negatives`` pool images (negatives),
-   ``precision(t) = ρ r / (ρ r + (1 - ρ) q)`` with ρ = ``contamination_fraction`` and q the fraction of
-   pool images flagged by mistake.
+   their originals (positives) and against the other evaluation images not linked to the original
+   (negatives); a pool image is flagged by mistake when some unrelated evaluation image is above t, at
+   the rate q(t) the copies show: ``precision(t) = ρ r / (ρ r + (1 - ρ) q)`` with ρ =
+   ``contamination_fraction``.
 
-The estimate counts a natural duplicate already in the pool as a false pair, so it errs on the strict side.
+Copies are degraded images (a JPEG at quality 20, a half crop), so their false-link rate is, if
+anything, higher than the pool's own: the estimate errs on the strict side.
 
 Outputs (``<workdir>/calibrate/``): ``report.json`` (chosen thresholds; precision / recall per threshold,
 overall and per copy kind), ``report.md``, ``similarities.png`` (histograms of copy pairs vs nearest
@@ -76,31 +80,33 @@ def fraction_above(values: np.ndarray, grid: np.ndarray = GRID) -> np.ndarray:
     return 1.0 - np.searchsorted(values, grid, side="right") / values.size
 
 
-def count_above(values: np.ndarray, grid: np.ndarray = GRID) -> np.ndarray:
-    """For each threshold: the mean number per row of entries of ``values`` ``(rows, k)`` above it."""
-    values = np.asarray(values, dtype=np.float64)
-    return fraction_above(values.ravel(), grid) * values.shape[1] if values.size else np.zeros(len(grid))
+def unlinked_above(to_copy: np.ndarray, to_original: np.ndarray, grid: np.ndarray = GRID) -> np.ndarray:
+    """``(copies, grid)`` counts: for each copy and threshold t, its neighbours with ``to_copy > t`` (linked
+    to the copy) and ``to_original <= t`` (not linked to its original). Both inputs are ``(copies, k)``
+    similarities of the copy's k nearest neighbours (its original excluded; -inf pads missing ones)."""
+    a = np.asarray(to_copy, dtype=np.float64)[..., None]
+    b = np.asarray(to_original, dtype=np.float64)[..., None]
+    return ((a > grid) & (b <= grid)).sum(axis=1)
 
 
-def dedup_curve(
-    positive: np.ndarray, negatives_original: np.ndarray, negatives_copy: np.ndarray, duplicate_fraction: float
-) -> Curve:
-    """``precision = ρ r / (ρ r + c / 2)`` (module docstring, step 4). ``negatives_*``: ``(images, k)``
-    similarities of each sampled original / each copy to its ``k`` nearest non-copies (-inf pads missing
-    neighbours); in a pool with a fraction ρ of copies, ``c = (1 - ρ) c_original + ρ c_copy``."""
+def dedup_curve(positive: np.ndarray, to_copy: np.ndarray, to_original: np.ndarray, duplicate_fraction: float) -> Curve:
+    """``precision = ρ r / (ρ r + c / 2)`` (module docstring, step 4), ``c`` the mean of :func:`unlinked_above`."""
     rho = duplicate_fraction
     recall = fraction_above(positive)
-    false_links = (1 - rho) * count_above(negatives_original) + rho * count_above(negatives_copy)
+    false_links = unlinked_above(to_copy, to_original).mean(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = rho * recall / (rho * recall + false_links / 2)
     return Curve(recall, false_links, precision)
 
 
-def decontaminate_curve(positive: np.ndarray, nearest_eval: np.ndarray, contamination_fraction: float) -> Curve:
-    """``precision = ρ r / (ρ r + (1 - ρ) q)`` (module docstring, step 5)."""
+def decontaminate_curve(
+    positive: np.ndarray, to_copy: np.ndarray, to_original: np.ndarray, contamination_fraction: float
+) -> Curve:
+    """``precision = ρ r / (ρ r + (1 - ρ) q)`` (module docstring, step 5), ``q`` the fraction of copies with an
+    unlinked evaluation image above the threshold."""
     rho = contamination_fraction
     recall = fraction_above(positive)
-    flagged = fraction_above(nearest_eval)
+    flagged = (unlinked_above(to_copy, to_original) > 0).mean(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = rho * recall / (rho * recall + (1 - rho) * flagged)
     return Curve(recall, flagged, precision)
@@ -230,22 +236,28 @@ def plant_copies(
 
 
 # ------------------------------------------------------------------------------------------ stage
-def _nearest_non_copies(index: Any, queries: np.ndarray, exclude: np.ndarray, k: int, batch: int) -> np.ndarray:
-    """``(n, k)`` similarities of each query to its ``k`` nearest rows other than ``exclude[i]`` (-inf pads)."""
+def copy_neighbours(
+    index: Any, base: np.ndarray, copies: np.ndarray, originals: np.ndarray, k: int, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each copy, its ``k`` nearest rows of ``base`` other than its original (row ``originals[i]``):
+    ``(to_copy, to_original)``, each ``(copies, k)``: their similarity to the copy and to the original
+    (-inf where fewer than ``k`` rows exist)."""
     from data_curation.index import search
 
-    sims, ids = search(index, queries, k + 1, batch_size=batch)
-    keep = (ids != exclude[:, None]) & (ids >= 0)
-    out = np.full((len(queries), k), -np.inf, dtype=np.float64)
-    for i in range(len(queries)):
-        found = sims[i][keep[i]][:k]
-        out[i, : len(found)] = found
-    return out
+    sims, ids = search(index, copies, k + 1, batch_size=batch)
+    to_copy = np.full((len(copies), k), -np.inf)
+    to_original = np.full((len(copies), k), -np.inf)
+    for i in range(len(copies)):
+        keep = (ids[i] != originals[i]) & (ids[i] >= 0)
+        found, rows = sims[i][keep][:k], ids[i][keep][:k]
+        to_copy[i, : len(found)] = found
+        to_original[i, : len(found)] = np.asarray(base[rows], dtype=np.float32) @ np.asarray(
+            base[originals[i]], dtype=np.float32
+        )
+    return to_copy, to_original
 
 
-def _calibrate_dedup(
-    workdir: Path, cfg: CurationConfig, emb_dir: Path, out: Path
-) -> tuple[dict[str, Any], dict[str, np.ndarray], list[tuple[str, list[Any]]]]:
+def _calibrate_dedup(cfg: CurationConfig, emb_dir: Path) -> tuple[dict[str, Any], dict, list[tuple[str, list[Any]]]]:
     from data_curation.index import index_from_config
 
     c = cfg.calibrate
@@ -255,30 +267,26 @@ def _calibrate_dedup(
         raise CurationError(f"calibrate needs at least 3 usable embeddings in {emb_dir}, found {len(pool)}")
     rng = np.random.default_rng(c.seed)
     rows = np.sort(rng.choice(pool, size=min(c.n_samples, len(pool)), replace=False))
-    source = RowImages(emb_dir)
-    originals, copies, kinds = plant_copies(source, rows, list(c.kinds), c.transforms, c.seed + 1)
+    originals, copies, kinds = plant_copies(RowImages(emb_dir), rows, list(c.kinds), c.transforms, c.seed + 1)
     log.info("calibrate: %d copies planted (%s), embedding them like the pool", len(copies), ", ".join(c.kinds))
     y = embed_like(emb_dir, copies, progress=cfg.progress)
     positive = np.einsum("nd,nd->n", y, np.asarray(x[rows], dtype=np.float32))
     pool_x = x if len(pool) == len(x) else x[pool]
-    index = index_from_config(pool_x, cfg.index)
     local = np.searchsorted(pool, rows)  # the sampled rows' positions in pool_x
     k = min(c.k, len(pool) - 1)
-    negatives_orig = _nearest_non_copies(index, pool_x[local], local, k, cfg.index.batch_size)
-    negatives_copy = _nearest_non_copies(index, y, local, k, cfg.index.batch_size)
-    rho = c.duplicate_fraction
-    kinds_arr = np.asarray(kinds)
-    curve = dedup_curve(positive, negatives_orig, negatives_copy, rho)
-    per_kind = {kind: dedup_curve(positive[kinds_arr == kind], negatives_orig, negatives_copy, rho) for kind in c.kinds}
-    summary = summarize(curve, per_kind, c.target_precision, "dedup: planted copies vs nearest non-copy neighbours")
+    index = index_from_config(pool_x, cfg.index)
+    to_copy, to_original = copy_neighbours(index, pool_x, y, local, k, cfg.index.batch_size)
+    rho, kinds_arr = c.duplicate_fraction, np.asarray(kinds)
+    curve = dedup_curve(positive, to_copy, to_original, rho)
+    per_kind = {kind: dedup_curve(positive[kinds_arr == kind], to_copy, to_original, rho) for kind in c.kinds}
+    summary = summarize(curve, per_kind, c.target_precision, "dedup: planted copies vs their nearest other pool images")
     summary.update({"n_copies": len(rows), "k": k, "duplicate_fraction": rho})
-    series = {"copy pairs": positive, "nearest non-copy": negatives_orig[:, 0]}
+    series = {"copy ↔ its original": positive, "copy ↔ nearest other image": to_copy[:, 0]}
     examples = []
     for kind in c.kinds:
         idx = np.flatnonzero(kinds_arr == kind)[:4]
-        pairs = [im for i in idx for im in (originals[i], copies[i])]
         sims = " ".join(f"{positive[i]:.2f}" for i in idx)
-        examples.append((f"{kind}\noriginal | copy\ncos {sims}", pairs))
+        examples.append((f"{kind}\noriginal | copy\ncos {sims}", [im for i in idx for im in (originals[i], copies[i])]))
     return summary, series, examples
 
 
@@ -286,41 +294,41 @@ def _calibrate_decontaminate(cfg: CurationConfig, workdir: Path, emb_dir: Path) 
     import json
 
     from data_curation.embed import PLAN_FILE
-    from data_curation.index import index_from_config, search
+    from data_curation.index import index_from_config
 
     c = cfg.calibrate
     pool_plan = json.loads((emb_dir / PLAN_FILE).read_text())["settings"]
-    x, _ = emb_io.load_embeddings(emb_dir)
-    pool = np.flatnonzero(emb_io.valid_rows(x))
     rng = np.random.default_rng(c.seed + 2)
-    negatives_rows = np.sort(rng.choice(pool, size=min(c.n_negatives, len(pool)), replace=False))
-    positives, kinds, nearest = [], [], []
+    positives, kinds, to_copy, to_original = [], [], [], []
     for eval_dir in (resolve_path(workdir, p) for p in cfg.decontaminate.eval_sets):
-        eval_plan = (
-            json.loads((eval_dir / PLAN_FILE).read_text())["settings"] if (eval_dir / PLAN_FILE).is_file() else {}
-        )
+        plan_file = eval_dir / PLAN_FILE
+        eval_plan = json.loads(plan_file.read_text())["settings"] if plan_file.is_file() else {}
         if (eval_plan.get("model"), eval_plan.get("feature")) != (pool_plan["model"], pool_plan["feature"]):
             raise CurationError(
                 f"{eval_dir} was not embedded with the pool's model and descriptor: embed it the same way"
             )
         eval_x, _ = emb_io.load_embeddings(eval_dir)
         eval_rows = np.flatnonzero(emb_io.valid_rows(eval_x))
+        if len(eval_rows) < 2:
+            raise CurationError(f"calibrate needs at least 2 usable evaluation embeddings in {eval_dir}")
         rows = np.sort(rng.choice(eval_rows, size=min(c.n_eval_samples, len(eval_rows)), replace=False))
         _, copies, copy_kinds = plant_copies(RowImages(eval_dir), rows, list(c.kinds), c.transforms, c.seed + 3)
         y = embed_like(eval_dir, copies, progress=cfg.progress)
         positives.append(np.einsum("nd,nd->n", y, np.asarray(eval_x[rows], dtype=np.float32)))
         kinds.extend(copy_kinds)
-        sims, _ = search(index_from_config(eval_x, cfg.index), x[negatives_rows], 1, batch_size=cfg.index.batch_size)
-        nearest.append(sims[:, 0])
+        k = min(c.k, len(eval_x) - 1)
+        a, b = copy_neighbours(index_from_config(eval_x, cfg.index), eval_x, y, rows, k, cfg.index.batch_size)
+        to_copy.append(np.pad(a, ((0, 0), (0, c.k - k)), constant_values=-np.inf))
+        to_original.append(np.pad(b, ((0, 0), (0, c.k - k)), constant_values=-np.inf))
     positive, kinds_arr = np.concatenate(positives), np.asarray(kinds)
-    nearest_eval = np.max(np.stack(nearest), axis=0)  # the nearest image over all evaluation sets
+    to_copy, to_original = np.concatenate(to_copy), np.concatenate(to_original)
     rho = c.contamination_fraction
-    curve = decontaminate_curve(positive, nearest_eval, rho)
-    per_kind = {kind: decontaminate_curve(positive[kinds_arr == kind], nearest_eval, rho) for kind in c.kinds}
-    what = "decontaminate: copies of evaluation images vs pool images' nearest evaluation image"
+    curve = decontaminate_curve(positive, to_copy, to_original, rho)
+    per_kind = {kind: decontaminate_curve(positive[kinds_arr == kind], to_copy, to_original, rho) for kind in c.kinds}
+    what = "decontaminate: copies of evaluation images vs their nearest other evaluation images"
     summary = summarize(curve, per_kind, c.target_precision, what)
-    summary.update({"n_copies": len(positive), "n_negatives": len(negatives_rows), "contamination_fraction": rho})
-    return summary, {"eval copies": positive, "pool → nearest eval": nearest_eval}
+    summary.update({"n_copies": len(positive), "contamination_fraction": rho})
+    return summary, {"eval copy ↔ its original": positive, "eval copy ↔ nearest other eval image": to_copy[:, 0]}
 
 
 def calibrate_fingerprint(workdir: Path, cfg: CurationConfig) -> str:
@@ -365,7 +373,7 @@ def run_calibrate(workdir: str | Path, cfg: CurationConfig | None = None, force:
     def compute(out: Path) -> dict[str, Any]:
         from data_curation.plots import contact_sheet, similarity_histograms
 
-        dedup, series, examples = _calibrate_dedup(workdir, cfg, emb_dir, out)
+        dedup, series, examples = _calibrate_dedup(cfg, emb_dir)
         decontaminate = None
         if cfg.decontaminate.eval_sets:
             decontaminate, eval_series = _calibrate_decontaminate(cfg, workdir, emb_dir)

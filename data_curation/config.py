@@ -132,9 +132,8 @@ class CalibrateConfig:
     # (dedup), or of an evaluation image (decontaminate); lower fractions give stricter thresholds
     duplicate_fraction: float = 0.1
     contamination_fraction: float = 0.01
-    k: int = 16  # non-copy neighbours counted per image (false links above a threshold)
+    k: int = 16  # nearest other images of each copy examined for false links
     n_eval_samples: int = 500  # decontaminate: evaluation images copied per evaluation set
-    n_negatives: int = 2000  # decontaminate: pool images whose nearest evaluation image is a negative
     seed: int = 0
 
 
