@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,8 +49,10 @@ def summaries(stdout: str) -> dict[str, dict]:
     return {s["stage"]: s for s in (json.loads(line) for line in stdout.splitlines() if line.startswith("{"))}
 
 
-def test_default_pipeline_on_340_photos_ends_sensibly_or_with_one_line(photos, curation_model, tmp_path):
-    work = tmp_path / "work"
+@pytest.fixture(scope="module")
+def default_run(photos, curation_model, tmp_path_factory):
+    """The issue's command with default settings, in its own process: (process, work dir)."""
+    work = tmp_path_factory.mktemp("default_run")
     proc = curate(
         "embed,dedup,cluster,sample,manifest",
         "--workdir",
@@ -58,13 +61,19 @@ def test_default_pipeline_on_340_photos_ends_sensibly_or_with_one_line(photos, c
         f"embed.input.path={photos}",
         f"embed.model.path={curation_model.run_dir}",
     )
+    return proc, work
+
+
+def test_default_pipeline_on_340_photos_ends_sensibly_or_with_one_line(default_run):
+    proc, work = default_run
     print(proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr
     done = summaries(proc.stdout)
     assert done["embed"]["images_out"] == N_PHOTOS
     if "dedup" in done:  # calibrate found a threshold; dedup kept at least half the photos
         assert done["dedup"]["removed_fraction"] <= 0.5
-        assert done["dedup"]["threshold"] == json.loads((work / "calibrate" / "DONE").read_text())["summary"]["dedup"]["threshold"]
+        calibrated = json.loads((work / "calibrate" / "DONE").read_text())["summary"]["dedup"]["threshold"]
+        assert done["dedup"]["threshold"] == calibrated
         assert f"dedup: {N_PHOTOS:,} images in" in proc.stderr  # the funnel line
     if proc.returncode == 0:
         assert done["manifest"]["n_rows"] >= N_PHOTOS // 2
@@ -79,13 +88,11 @@ def test_default_pipeline_on_340_photos_ends_sensibly_or_with_one_line(photos, c
         assert not (work / "manifest" / "manifest.csv").exists()
 
 
-def test_a_threshold_too_low_for_the_embedding_is_refused_unless_forced(photos, curation_model, tmp_path, capsys):
+def test_a_threshold_too_low_for_the_embedding_is_refused_unless_forced(default_run, tmp_path, capsys):
     """The paper's 0.6 on DINO CLS features links nearly everything: dedup refuses with one line that
     points to calibrate and writes nothing; --force accepts."""
-    common = ["--workdir", str(tmp_path), "progress=false", f"embed.input.path={photos}"]
-    common += [f"embed.model.path={curation_model.run_dir}", "dedup.threshold=0.6"]
-    assert main(["embed", *common]) == 0
-    capsys.readouterr()
+    shutil.copytree(default_run[1] / "embeddings", tmp_path / "embeddings")
+    common = ["--workdir", str(tmp_path), "progress=false", "dedup.threshold=0.6"]
     assert main(["dedup", *common]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dinov2-curate: error: dedup would remove ")
