@@ -374,15 +374,13 @@ def run_calibrate(workdir: str | Path, cfg: CurationConfig | None = None, force:
         from data_curation.plots import contact_sheet, similarity_histograms
 
         dedup, series, examples = _calibrate_dedup(cfg, emb_dir)
+        target = cfg.calibrate.target_precision
+        panels = [(f"dedup (target precision {target})", series, dedup["threshold"])]
         decontaminate = None
         if cfg.decontaminate.eval_sets:
             decontaminate, eval_series = _calibrate_decontaminate(cfg, workdir, emb_dir)
-            series.update(eval_series)
-        thresholds = {"dedup": dedup["threshold"]}
-        if decontaminate:
-            thresholds["decontaminate"] = decontaminate["threshold"]
-        target = cfg.calibrate.target_precision
-        similarity_histograms(out / "similarities.png", series, thresholds, f"calibrate (target precision {target})")
+            panels.append((f"decontaminate (target precision {target})", eval_series, decontaminate["threshold"]))
+        similarity_histograms(out / "similarities.png", panels)
         contact_sheet(out / "copies.png", examples, thumb=48, label_width=150)
         report = {"dedup": dedup, "decontaminate": decontaminate}
         write_json(out / "report.json", report)

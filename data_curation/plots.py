@@ -39,31 +39,30 @@ def _save(fig: Any, plt: Any, path: Path) -> Path:
 
 
 def similarity_histograms(
-    path: str | Path,
-    series: dict[str, np.ndarray],
-    thresholds: dict[str, float | None],
-    title: str,
+    path: str | Path, panels: Sequence[tuple[str, dict[str, np.ndarray], float | None]]
 ) -> Path | None:
-    """Overlaid histograms of cosine similarities (e.g. copy pairs vs nearest non-copies), with vertical
-    lines at ``thresholds`` (label -> value; None is left out)."""
+    """One panel per ``(title, {label: cosine similarities}, threshold)``: overlaid histograms (e.g. copy
+    pairs vs nearest other images) and a dashed line at the threshold (None: no threshold was found)."""
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    values = [np.asarray(v, dtype=np.float64) for v in series.values() if len(v)]
-    lo = min(float(v.min()) for v in values) if values else 0.0
-    bins = np.linspace(min(lo, 0.0) if lo < 0 else lo, 1.0, 81)
-    for label, v in series.items():
-        if len(v):
-            ax.hist(np.asarray(v), bins=bins, alpha=0.55, label=f"{label} ({len(v)})", density=True)
-    for label, t in thresholds.items():
-        if t is not None:
-            ax.axvline(t, color="black", linestyle="--", linewidth=1)
-            ax.text(t, ax.get_ylim()[1] * 0.95, f" {label} {t:.3f}", fontsize=8, va="top")
-    ax.set_xlabel("cosine similarity")
-    ax.set_ylabel("density")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), squeeze=False)
+    for ax, (title, series, threshold) in zip(axes[:, 0], panels):
+        values = [np.asarray(v, dtype=np.float64) for v in series.values() if len(v)]
+        finite = [v[np.isfinite(v)] for v in values]
+        lo = min((float(v.min()) for v in finite if v.size), default=0.0)
+        bins = np.linspace(min(lo, 0.0), 1.0, 101)
+        for label, v in series.items():
+            v = np.asarray(v, dtype=np.float64)
+            v = v[np.isfinite(v)]
+            if v.size:
+                ax.hist(v, bins=bins, alpha=0.55, label=f"{label} ({v.size})", density=True)
+        if threshold is not None:
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.3f}")
+        ax.set_xlabel("cosine similarity")
+        ax.set_ylabel("density")
+        ax.set_title(title if threshold is not None else f"{title}: no threshold reaches the target", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return _save(fig, plt, Path(path))
 

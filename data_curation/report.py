@@ -197,14 +197,7 @@ def write_report(workdir: Path, cfg: CurationConfig, emb_dir: Path, out: Path, d
             x, _ = emb_io.load_embeddings(emb_dir)
             pool = np.flatnonzero(labels >= 0)
             above, below = pairs_near_threshold(x, pool, np.load(workdir / "dedup" / "pairs.npy"), threshold, cfg)
-            rows = [
-                (f"cos {s:.3f} (removed)\n{_short(images.describe(a))}", [images.load(a), images.load(b)])
-                for a, b, s in above
-            ]
-            rows += [
-                (f"cos {s:.3f} (kept)\n{_short(images.describe(a))}", [images.load(a), images.load(b)])
-                for a, b, s in below
-            ]
+            rows = _pair_rows(images, above, "removed: just above") + _pair_rows(images, below, "kept: just below")
             if rows:
                 contact_sheet(out / "threshold_pairs.png", rows)
                 pictures.append("threshold_pairs.png")
@@ -242,6 +235,16 @@ def write_report(workdir: Path, cfg: CurationConfig, emb_dir: Path, out: Path, d
     write_text(out / "report.md", "\n".join(lines) + "\n")
     log.info("report: %s", out / "report.md")
     return {**summary, "report": str(out / "report.md"), "pictures": pictures}
+
+
+def _pair_rows(images: Any, pairs: list[tuple[int, int, float]], what: str, per_row: int = 4) -> list:
+    """Contact-sheet rows of ``per_row`` pairs each, captioned with ``what`` and their cosines."""
+    rows = []
+    for start in range(0, len(pairs), per_row):
+        chunk = pairs[start : start + per_row]
+        caption = f"{what}\nthe threshold\ncos " + " ".join(f"{s:.3f}" for _, _, s in chunk)
+        rows.append((caption, [images.load(r) for a, b, _ in chunk for r in (a, b)]))
+    return rows
 
 
 def _row_images(emb_dir: Path) -> Any:

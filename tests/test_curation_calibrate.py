@@ -24,12 +24,19 @@ from conftest import REPO
 
 pytest.importorskip("faiss")
 from data_curation import embeddings as emb_io  # noqa: E402
-from data_curation.calibrate import GRID, Curve, choose_threshold, dedup_curve, unlinked_above  # noqa: E402
+from data_curation.calibrate import (  # noqa: E402
+    GRID,
+    Curve,
+    choose_threshold,
+    decontaminate_curve,
+    dedup_curve,
+    unlinked_above,
+)
 from data_curation.cli import main  # noqa: E402
 from data_curation.workdir import read_done  # noqa: E402
 
 N_ORIGINALS, N_COPIES = 800, 140
-COPY_ITERATIONS = 150  # ~60 s of training on the 2 CI cores
+COPY_ITERATIONS = 200  # ~70 CPU-seconds of training (batches of 64, 24 px views)
 TARGET = 0.95
 
 
@@ -57,6 +64,11 @@ def test_precision_estimate_and_threshold_rule_by_hand():
     assert curve.precision[at[0.85]] == 1.0 and curve.recall[at[0.85]] == 0.5
     assert np.isnan(curve.precision[at[0.96]])  # nothing found at all
     assert unlinked_above(to_copy, to_original)[2].sum() == 0
+    # decontamination: the fraction of copies with an unlinked neighbour above t (copies 0 and 3 at 0.5)
+    flagged = decontaminate_curve(positive, to_copy, to_original, contamination_fraction=0.01)
+    i = int(np.flatnonzero(np.isclose(GRID, 0.5))[0])
+    assert flagged.false_rate[i] == 0.5 and flagged.recall[i] == 0.75
+    assert flagged.precision[i] == pytest.approx(0.01 * 0.75 / (0.01 * 0.75 + 0.99 * 0.5))
     assert GRID[choose_threshold(curve, 0.95)] == 0.85
     # a dip above the first good threshold moves the choice above the dip
     dip = Curve(np.full(len(GRID), 0.5), np.where(GRID == 0.9, 1.0, 0.0), np.where(GRID == 0.9, 0.5, 1.0))
@@ -148,10 +160,35 @@ def _png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_report_shows_funnel_groups_threshold_pairs_and_clusters(copy_work):
+def test_report_shows_funnel_groups_threshold_pairs_and_clusters(planted, copy_work, copy_detector, shared_data):
+    """Also decontamination with ``threshold=auto``: an evaluation set of 100 unseen photos drawn
+    independently of the pool (so some of them are in it), calibrated from copies of its images; every
+    pool photo that is an evaluation photo is flagged."""
+    root, _ = planted
     work = copy_work[0]
-    argv = ["dedup,cluster,report", "--workdir", str(work), "progress=false", "index.kind=flat", "dedup.k=8"]
+    b = bench()
+    eval_folder = root / "eval"
+    b.build_pool(shared_data, eval_folder, 100, 0, seed=7)
+    embed = [
+        "embed",
+        "--workdir",
+        str(work),
+        "progress=false",
+        "embeddings=eval/set",
+        f"embed.input.path={eval_folder}",
+    ]
+    assert main([*embed, f"embed.model.path={copy_detector[0]}", "embed.flip_average=true"]) == 0
+    argv = ["dedup,decontaminate,cluster,report", "--workdir", str(work), "progress=false", "index.kind=flat"]
+    argv += ["dedup.k=8", "decontaminate.eval_sets=[eval/set]", "calibrate.n_eval_samples=100"]
     assert main([*argv, "cluster.n_clusters=[20,4]"]) == 0
+    calibration = json.loads((work / "calibrate" / "report.json").read_text())
+    assert calibration["decontaminate"]["n_copies"] == 100 and calibration["decontaminate"]["threshold"] is not None
+    eval_bytes = {p.read_bytes() for p in eval_folder.iterdir()}
+    paths = emb_io.read_paths(work / "embeddings")
+    in_eval = {r for r, p in enumerate(paths) if open(p, "rb").read() in eval_bytes}
+    flagged = set(np.load(work / "decontaminate" / "flagged.npy")["row"].tolist())
+    print(f"\ndecontaminate: {len(in_eval)} pool photos are evaluation photos; {len(flagged)} flagged")
+    assert in_eval and in_eval <= flagged
     out = work / "report"
     text = (out / "report.md").read_text()
     funnel = [line for line in text.splitlines() if line.startswith("| embed ") or line.startswith("| dedup ")]
