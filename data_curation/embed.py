@@ -390,7 +390,6 @@ def make_plan(e: EmbedConfig, dataset: Any) -> dict[str, Any]:
         "input": {k: v for k, v in asdict(e.input).items() if k not in ("max_bad_fraction", "source")},
         "model": model_fingerprint(e.model),
         "feature": feature_name(e),
-        "whiten_sample": e.whiten_sample if e.whiten else 0,
         "crop": e.crop,
         "resize": e.resize,
         "mean": list(e.mean),
@@ -400,6 +399,8 @@ def make_plan(e: EmbedConfig, dataset: Any) -> dict[str, Any]:
         "count": n,
         "ends": ends,
     }
+    if e.whiten:  # (only then: the plans of earlier runs without these keys keep their fingerprint)
+        settings["whiten_sample"] = e.whiten_sample
     return {
         "fingerprint": fingerprint("embed", settings),
         "count": n,

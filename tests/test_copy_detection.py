@@ -17,19 +17,23 @@ from dinov2.losses.copy_detection import CopyDetectionLoss, info_nce
 from dinov2.losses.koleo import KoLeoLoss
 from dinov2.train.trainer import build_meta_arch, train
 
-COPY = TINY_MODEL + TINY_TRAIN + [
-    "train.objective=copy_detection",
-    "data.dataset.kind=demo",
-    "data.dataset.demo_num_train=64",
-    "data.dataset.demo_num_test=32",
-    "data.dataset.demo_image_size=16",
-    "data.crops.global_crops_size=16",
-    "data.crops.local_crops_number=0",
-    "data.masks.mask_probability=0",
-    "data.batch_size_per_gpu=8",
-    "data.num_workers=0",
-    "eval.final_knn=false",
-]
+COPY = (
+    TINY_MODEL
+    + TINY_TRAIN
+    + [
+        "train.objective=copy_detection",
+        "data.dataset.kind=demo",
+        "data.dataset.demo_num_train=64",
+        "data.dataset.demo_num_test=32",
+        "data.dataset.demo_image_size=16",
+        "data.crops.global_crops_size=16",
+        "data.crops.local_crops_number=0",
+        "data.masks.mask_probability=0",
+        "data.batch_size_per_gpu=8",
+        "data.num_workers=0",
+        "eval.final_knn=false",
+    ]
+)
 
 
 # ------------------------------------------------------------------------------------------- loss

@@ -103,6 +103,7 @@ def copy_work(planted, copy_detector):
     return root / "work_copy", x, names, calibration
 
 
+@pytest.mark.slow  # the copy detector trains for ~1 minute (module fixture, shared)
 def test_calibrated_threshold_holds_its_precision_on_other_planted_copies(planted, copy_work, capsys):
     root, truth = planted
     work, x, names, calibration = copy_work
@@ -127,6 +128,7 @@ def test_calibrated_threshold_holds_its_precision_on_other_planted_copies(plante
     assert precision >= 0.9 * TARGET
 
 
+@pytest.mark.slow  # the copy detector trains for ~1 minute (module fixture, shared)
 def test_copy_detector_beats_the_dino_embedding_with_fewer_training_seconds(
     planted, copy_work, copy_detector, cifar_pretrained, capsys
 ):
@@ -160,6 +162,7 @@ def _png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow  # the copy detector trains for ~1 minute (module fixture, shared)
 def test_report_shows_funnel_groups_threshold_pairs_and_clusters(planted, copy_work, copy_detector, shared_data):
     """Also decontamination with ``threshold=auto``: an evaluation set of 100 unseen photos drawn
     independently of the pool (so some of them are in it), calibrated from copies of its images; every

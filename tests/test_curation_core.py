@@ -449,9 +449,8 @@ def test_config_defaults_yaml_and_unknown_keys():
 def test_cli_runs_stages_and_skips_done_ones(tmp_path, capsys):
     from data_curation.cli import STAGES, main
 
-    assert {"embed", "calibrate", "dedup", "decontaminate", "retrieve", "cluster", "sample", "manifest", "report"} <= set(
-        STAGES
-    )
+    expected = {"embed", "calibrate", "dedup", "decontaminate", "retrieve", "cluster", "sample", "manifest", "report"}
+    assert expected <= set(STAGES)
     x, truth = planted_duplicates(seed=9, n_isolated=50)
     wd = make_workdir(tmp_path, x)
     args = ["dedup,manifest", "--workdir", str(wd), "--config", "curation/default", "progress=false", "dedup.k=8"]

@@ -64,6 +64,7 @@ def default_run(photos, curation_model, tmp_path_factory):
     return proc, work
 
 
+@pytest.mark.slow  # embeds and calibrates 340 photos in a subprocess (module fixture, shared)
 def test_default_pipeline_on_340_photos_ends_sensibly_or_with_one_line(default_run):
     proc, work = default_run
     print(proc.stderr[-3000:])
@@ -88,6 +89,7 @@ def test_default_pipeline_on_340_photos_ends_sensibly_or_with_one_line(default_r
         assert not (work / "manifest" / "manifest.csv").exists()
 
 
+@pytest.mark.slow  # embeds and calibrates 340 photos in a subprocess (module fixture, shared)
 def test_a_threshold_too_low_for_the_embedding_is_refused_unless_forced(default_run, tmp_path, capsys):
     """The paper's 0.6 on DINO CLS features links nearly everything: dedup refuses with one line that
     points to calibrate and writes nothing; --force accepts."""
