@@ -129,3 +129,7 @@ def test_stage_inputs_are_checked_before_work_with_one_line_errors(tmp_path, cap
     assert main(["dedup,cluster,sample,manifest", *base, "cluster.n_clusters=[6,2]", "sample.target_size=30"]) == 0
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
     assert [s["images_out"] for s in lines] == [60, 60, 30, 30] and lines[2]["removed_fraction"] == 0.5
+    # the report of embeddings without images: the funnel and tables, no contact sheets
+    assert main(["report", *base]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| sample | 60 | 30 | 50.0 % |" in text and "could not be opened: no contact sheets" in text
