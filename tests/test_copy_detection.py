@@ -169,3 +169,43 @@ def test_settings_the_objective_cannot_honour_are_config_errors(override, messag
     cfg = load_config("train/copy_detection", COPY + [override])
     with pytest.raises(ConfigError, match=message):
         build_meta_arch(cfg, torch.device("cpu"))
+
+
+def test_two_gloo_ranks_each_solve_their_own_infonce_and_log_the_mean(tmp_path):
+    """torchrun, 2 ranks, FSDP2 over gloo: the first logged loss is the mean of the two ranks' losses, each
+    computed in one process on that rank's batch (its negatives are its own images); the export loads."""
+    import os
+    import subprocess
+    import sys
+
+    from dinov2.data import build_train_loader
+    from dinov2.eval.backbone_io import load_backbone
+    from dinov2.train.metrics import read_metrics
+
+    common = COPY + ["distributed.param_dtype=fp32", "train.max_iterations=2", "train.checkpoint_every=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "dinov2.train.cli", "--config", "train/copy_detection", *common, f"train.output_dir={tmp_path}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    cfg = load_config("train/copy_detection", common)
+    torch.manual_seed(cfg.train.seed)  # the trainer's initial weights
+    model = build_meta_arch(cfg, torch.device("cpu")).train()
+    losses = []
+    for rank in range(2):
+        loader = build_train_loader(
+            cfg.data,
+            cfg.model.patch_size,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=2,
+            transform=model.train_transform(),
+        )
+        with torch.no_grad():
+            losses.append(model(next(iter(loader))).loss.item())
+    logged = read_metrics(tmp_path / "metrics.jsonl")[0]["loss"]
+    assert logged == pytest.approx(sum(losses) / 2, abs=1e-5)
+    assert abs(losses[0] - losses[1]) > 1e-3  # the ranks saw different images
+    backbone, _ = load_backbone(tmp_path)
+    assert backbone.embed_dim == 32
