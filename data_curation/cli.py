@@ -9,7 +9,10 @@ Examples::
     dinov2-curate dedup --workdir runs/cur --config curation/default dedup.threshold=0.7
     dinov2-curate dedup,decontaminate,retrieve,manifest --workdir runs/cur --config my.yaml
 
-Every stage is idempotent: a re-run with the same configuration and inputs returns at once.
+Every stage is idempotent: a re-run with the same configuration and inputs returns at once. Every
+filtering stage prints how many images it received and passed on. A problem with the input or the
+settings ends the command with one line, ``dinov2-curate: error: …``, and exit status 2 (the full
+traceback is logged at ``--log-level DEBUG``); a stage that stops this way has written nothing.
 
 Stages are looked up in :data:`STAGES`, a table of ``name -> "module:function"``; each function
 has the signature ``fn(workdir: Path, cfg: CurationConfig, force: bool) -> dict`` (a JSON-able
@@ -32,6 +35,7 @@ from typing import Any
 STAGES = MappingProxyType(
     {
         "embed": "data_curation.embed:run_embed",
+        "calibrate": "data_curation.calibrate:run_calibrate",
         "dedup": "data_curation.dedup:run_dedup",
         "decontaminate": "data_curation.decontaminate:run_decontaminate",
         "retrieve": "data_curation.retrieve:run_retrieve",
@@ -40,6 +44,7 @@ STAGES = MappingProxyType(
         "manifest": "data_curation.manifest:run_manifest",
         "export-shards": "data_curation.export_shards:run_export_shards",
         "pack": "data_curation.pack:run_pack",
+        "report": "data_curation.report:run_report",
     }
 )
 
@@ -62,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("stages", help=f"stage or comma-separated stages: {', '.join(STAGES)}")
     parser.add_argument("--workdir", required=True, type=Path, help="work directory (read and written)")
     parser.add_argument("--config", default=None, help="YAML file or preset (e.g. curation/default)")
-    parser.add_argument("--force", action="store_true", help="recompute even if the stage is done")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="recompute even if the stage is done, and let dedup / decontaminate remove more than "
+        "their max_removed_fraction",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     parser.add_argument(
         "--shard-index",
@@ -87,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown or not names:
-        print(f"dinov2-curate: unknown stage(s) {unknown}; stages: {', '.join(STAGES)}", file=sys.stderr)
+        print(f"dinov2-curate: error: unknown stage(s) {unknown}; stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
 
     from data_curation.config import load_curation_config
@@ -96,25 +106,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_curation_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"dinov2-curate: {e}", file=sys.stderr)
+        print(f"dinov2-curate: error: {e}", file=sys.stderr)
         return 2
     if (args.shard_index is None) != (args.num_shards is None):
-        print("dinov2-curate: give --shard-index and --num-shards together", file=sys.stderr)
+        print("dinov2-curate: error: give --shard-index and --num-shards together", file=sys.stderr)
         return 2
     if args.num_shards is not None:
         if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
-            print("dinov2-curate: need 0 <= --shard-index < --num-shards", file=sys.stderr)
+            print("dinov2-curate: error: need 0 <= --shard-index < --num-shards", file=sys.stderr)
             return 2
         cfg.embed.task_index, cfg.embed.num_tasks = args.shard_index, args.num_shards
     args.workdir.mkdir(parents=True, exist_ok=True)
+    return run_stages(names, args.workdir, cfg, args.force)
+
+
+def run_stages(names: Sequence[str], workdir: Path, cfg: Any, force: bool) -> int:
+    """Run ``names`` in order, printing one JSON summary line each; 2 with one error line on a user error."""
+    from data_curation.errors import CurationError
+    from dinov2.config import ConfigError
+
+    log = logging.getLogger("dinov2-curate")
     for name in names:
-        summary = get_stage(name)(args.workdir, cfg, args.force)
+        try:
+            summary = get_stage(name)(workdir, cfg, force)
+        except (CurationError, ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+            log.debug("%s failed", name, exc_info=True)
+            print(f"dinov2-curate: error: {error_line(name, e)}", file=sys.stderr)
+            return 2
         print(json.dumps({"stage": name, **summary}, default=str))
         if summary.get("finalized") is False and name != names[-1]:
             # an array task of `embed`: the other tasks' shards are not all written yet
-            logging.getLogger("dinov2-curate").info("embeddings not finalized yet: later stages not run")
+            log.info("embeddings not finalized yet: later stages not run")
             break
     return 0
+
+
+def error_line(stage: str, error: BaseException) -> str:
+    """The error as one line, prefixed with the stage unless the message names it already."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if text.startswith(stage) else f"{stage}: {text}"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from dinov2.config import CopyAugmentConfig, CopyKind
 
 
 @dataclass
@@ -28,12 +31,20 @@ class EmbedInputConfig:
 class EmbedModelConfig:
     """The embedding model."""
 
-    kind: str = "ours"  # ours (our export/run dir) | interop (timm/HF DINOv2 weights file) | timm (model name)
-    path: str = ""  # ours: run dir or weights file (+ config.yaml beside it); interop/timm: weights file
+    # ours (our export/run dir) | interop (timm/HF DINOv2 weights file) | timm (model name) |
+    # torchscript (a scripted descriptor model such as SSCD's *.torchscript.pt: images -> (B, D))
+    kind: Literal["ours", "interop", "timm", "torchscript"] = "ours"
+    path: str = ""  # ours: run dir or weights file (+ config.yaml beside it); interop/timm/torchscript: the file
     config: str = ""  # ours: training config.yaml (default: the one next to the weights)
     name: str = ""  # timm: model name, created with pretrained=False (weights from path, if given)
-    img_size: int = 0  # timm: input size to create the model for (0: the model's default)
+    img_size: int = 0  # timm: input size to create the model for (0: the model's default); torchscript: input side
     num_heads: int = 0  # interop: attention heads when they cannot be inferred (0: infer)
+    # torchscript: the preprocessing the scripted model expects (it carries no config): normalisation
+    # (empty: ImageNet's) and how an image becomes img_size x img_size — "crop" (shorter side, centre
+    # crop) or "squash" (resized to a square, aspect ratio not kept, as SSCD recommends)
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    resize_mode: Literal["crop", "squash"] = "crop"
 
 
 @dataclass
@@ -47,7 +58,13 @@ class EmbedConfig:
     mean: list[float] = field(default_factory=list)  # normalisation; empty: the checkpoint's / model's / ImageNet
     std: list[float] = field(default_factory=list)
     patch_mean: bool = False  # feature = [CLS, mean patch token] instead of CLS alone
+    pooling: Literal["cls", "gem"] = "cls"  # cls: the final-norm CLS token; gem: GeM of the patch tokens
+    gem_p: float = 3.0  # GeM exponent (1: mean of the positive parts, large: max)
+    scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale: mean of the descriptors at these sizes
     flip_average: bool = False  # feature = mean of the image's and its mirror's (2x the compute; copy detection)
+    whiten: bool = False  # PCA-whitening fitted on the pool (embeddings/whitening.npz), then L2-normalised
+    whiten_dim: int = 0  # dimensions kept by the whitening (0: all)
+    whiten_sample: int = 100_000  # pool rows the whitening is fitted on (a random sample when the pool is larger)
     dtype: str = "float16"  # float16 | float32 (.npy shards)
     shard_size: int = 100_000  # images per shard (the unit of resumption and of array-job work)
     batch_size: int = 256
@@ -81,7 +98,10 @@ class IndexConfig:
 @dataclass
 class DedupConfig:
     k: int = 64  # neighbours examined per image
-    threshold: float = 0.6  # cosine similarity above which two images are copies
+    # cosine similarity above which two images are copies; auto: the threshold `calibrate` picks for this
+    # embedding (run first when missing). The paper's 0.6 is for SSCD descriptors, not for DINO features.
+    threshold: float | Literal["auto"] = "auto"
+    max_removed_fraction: float = 0.5  # refuse (unless --force) to remove more of the pool than this
     keep: str = "first"  # first | random | most_connected | centroid | score
     score_file: str = ""  # keep=score: .npy with one score per embedding row (highest kept)
     seed: int = 0  # keep=random
@@ -92,8 +112,29 @@ class DedupConfig:
 @dataclass
 class DecontaminateConfig:
     eval_sets: list[str] = field(default_factory=list)  # embedding dirs (relative: to the work dir)
-    threshold: float = 0.45  # cosine similarity to any eval image above which a component is dropped
+    # cosine similarity to any eval image above which a component is dropped; auto: calibrate's
+    threshold: float | Literal["auto"] = "auto"
+    max_removed_fraction: float = 0.5  # refuse (unless --force) to drop more of the kept images than this
     report_top: int = 50  # most similar (pool, eval) pairs listed in report.json
+
+
+@dataclass
+class CalibrateConfig:
+    """``calibrate``: plant near-copies of pool images, embed them like the pool, pick thresholds."""
+
+    n_samples: int = 1000  # pool images copied (each once; kinds assigned in turn)
+    kinds: list[CopyKind] = field(
+        default_factory=lambda: ["crop", "flip", "jpeg", "jitter", "rotate", "overlay", "combo"]
+    )
+    transforms: CopyAugmentConfig = field(default_factory=CopyAugmentConfig)
+    target_precision: float = 0.95  # the threshold is the lowest one whose estimated precision reaches this
+    # precision is estimated for a pool where this fraction of the images is a copy of another pool image
+    # (dedup), or of an evaluation image (decontaminate); lower fractions give stricter thresholds
+    duplicate_fraction: float = 0.1
+    contamination_fraction: float = 0.01
+    k: int = 16  # nearest other images of each copy examined for false links
+    n_eval_samples: int = 500  # decontaminate: evaluation images copied per evaluation set
+    seed: int = 0
 
 
 @dataclass
@@ -183,6 +224,7 @@ class CurationConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -10,6 +10,10 @@ is its own component.
 Searching the pool against the (small) evaluation index with k = 1 is exact for this rule ("similar
 to any evaluation image") and keeps memory bounded by one batch.
 
+``threshold=auto`` (the default) takes the one ``calibrate`` picks from planted copies of evaluation
+images. Guardrail: dropping more than ``decontaminate.max_removed_fraction`` of the kept images stops
+the stage before it writes anything, unless ``--force``.
+
 Stage outputs (``<workdir>/decontaminate/``): ``kept.npy`` (sorted global rows), ``flagged.npy``
 (structured: row, eval_set, eval_row, sim — the best match per flagged pool image), ``report.json``
 (counts per evaluation set, the most similar examples), ``DONE``.
@@ -25,8 +29,9 @@ import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json
+from data_curation.errors import CurationError
 from data_curation.index import index_from_config, iter_search
-from data_curation.workdir import fingerprint, read_done, resolve_path, run_stage
+from data_curation.workdir import check_removed_fraction, fingerprint, funnel, read_done, resolve_path, run_stage
 
 if TYPE_CHECKING:
     from data_curation.config import CurationConfig, IndexConfig
@@ -63,15 +68,25 @@ def drop_flagged_components(kept: np.ndarray, labels: np.ndarray, flagged_rows: 
 
 def run_decontaminate(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``decontaminate`` stage (see the module docstring); needs ``decontaminate.eval_sets``."""
+    from dataclasses import replace
+
+    from data_curation.calibrate import resolved_threshold
     from data_curation.config import CurationConfig
 
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     c = cfg.decontaminate
     if not c.eval_sets:
-        raise ValueError("decontaminate.eval_sets is empty: give the embedding dirs of the evaluation sets")
+        raise CurationError("decontaminate.eval_sets is empty: give the embedding dirs of the evaluation sets")
     emb_dir = resolve_path(workdir, cfg.embeddings)
     eval_dirs = [resolve_path(workdir, p) for p in c.eval_sets]
+    pool_dim = emb_io.read_meta(emb_dir)["dim"]
+    for eval_dir in eval_dirs:
+        if emb_io.read_meta(eval_dir)["dim"] != pool_dim:
+            raise CurationError(
+                f"{eval_dir} has {emb_io.read_meta(eval_dir)['dim']}-d embeddings, the pool {pool_dim}-d"
+            )
+    c = replace(c, threshold=resolved_threshold(workdir, cfg, "decontaminate"))
     dedup_done = read_done(workdir, "dedup")
     fp = fingerprint(
         "decontaminate",
@@ -110,6 +125,9 @@ def run_decontaminate(workdir: str | Path, cfg: CurationConfig | None = None, fo
         flagged["row"], flagged["eval_set"] = pool[hit], best_set[hit]
         flagged["eval_row"], flagged["sim"] = best_row[hit], best[hit]
         new_kept = drop_flagged_components(kept, labels, flagged["row"])
+        check_removed_fraction(
+            "decontaminate", len(kept), len(new_kept), c.max_removed_fraction, force, f"threshold {c.threshold}"
+        )
         save_npy(out / "flagged.npy", flagged)
         save_npy(out / "kept.npy", new_kept)
         summary = {
@@ -120,6 +138,7 @@ def run_decontaminate(workdir: str | Path, cfg: CurationConfig | None = None, fo
             "n_kept_before": len(kept),
             "n_kept": len(new_kept),
             "eval_sets": per_set,
+            **funnel(len(kept), len(new_kept)),
         }
         eval_paths = [emb_io.read_paths(p) for p in eval_dirs] if c.report_top else []
         examples = [

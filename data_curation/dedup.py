@@ -1,7 +1,8 @@
 """Copy detection: near-duplicate pairs → graph → connected components → one image per component.
 
 Two images are duplicates when one is among the other's ``k`` nearest neighbours with cosine
-similarity strictly above ``threshold``. Duplicates form an undirected graph; each connected
+similarity strictly above ``threshold`` (``auto``, the default: the threshold ``calibrate`` picks for this
+embedding, see ``data_curation.calibrate``). Duplicates form an undirected graph; each connected
 component (transitively linked near-copies) keeps exactly one member, chosen by a rule:
 
 * ``first``: the smallest row index (deterministic, follows the input order);
@@ -14,6 +15,10 @@ Stage outputs (``<workdir>/dedup/``): ``kept.npy`` (sorted global rows), ``label
 per row, -1 for unusable rows), ``pairs.npy`` (structured i, j, sim with i < j), ``components.json``
 (counts, size histogram, the largest components with member paths), ``skipped.txt`` (rows whose
 embedding is not finite/normalised), ``DONE``.
+
+Guardrail: a run that would remove more than ``dedup.max_removed_fraction`` of the images (default
+half) stops before writing anything, with one line pointing to ``calibrate`` — a threshold too low for
+the embedding links everything into one component — unless ``--force`` is given.
 """
 
 from __future__ import annotations
@@ -26,12 +31,20 @@ import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json, write_lines
+from data_curation.errors import CurationError
 from data_curation.index import index_from_config, iter_search
 from data_curation.union_find import connected_components
-from data_curation.workdir import file_fingerprint, fingerprint, resolve_path, run_stage
+from data_curation.workdir import (
+    check_removed_fraction,
+    file_fingerprint,
+    fingerprint,
+    funnel,
+    resolve_path,
+    run_stage,
+)
 
 if TYPE_CHECKING:
-    from data_curation.config import CurationConfig, IndexConfig
+    from data_curation.config import CurationConfig, DedupConfig, IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +217,7 @@ def run_dedup(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     emb_dir = resolve_path(workdir, cfg.embeddings)
-    d = cfg.dedup
-    score_fp = file_fingerprint(_score_path(d.score_file, workdir)) if d.keep == "score" else ""
-    fp = fingerprint("dedup", emb_io.embeddings_fingerprint(emb_dir), d, cfg.index, score_fp)
+    d, fp = dedup_settings(workdir, cfg)
 
     def compute(out: Path) -> dict[str, Any]:
         x, paths = emb_io.load_embeddings(emb_dir)
@@ -227,6 +238,7 @@ def run_dedup(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
         scores = _load_scores(d.score_file, workdir, len(x))[pool] if d.keep == "score" else None
         keep_local = select_keep(labels, d.keep, d.seed, pairs=(i, j), emb=sub, scores=scores)
         kept = pool[keep_local]
+        check_removed_fraction("dedup", len(pool), len(kept), d.max_removed_fraction, force, f"threshold {d.threshold}")
 
         pairs = np.empty(len(i), dtype=PAIR_DTYPE)
         pairs["i"], pairs["j"], pairs["sim"] = pool[i], pool[j], sims
@@ -240,9 +252,27 @@ def run_dedup(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
         report = components_report(labels, keep_local, pool_paths, d.report_top, d.report_members)
         report = dedup_report(d, len(i), len(skipped), emb_dir, report)
         write_json(out / "components.json", report)
-        return {k: v for k, v in report.items() if k != "largest_components"}
+        return {**{k: v for k, v in report.items() if k != "largest_components"}, **funnel(len(pool), len(kept))}
 
     return run_stage(workdir, "dedup", fp, compute, force)
+
+
+def dedup_settings(workdir: Path, cfg: CurationConfig) -> tuple[DedupConfig, str]:
+    """``cfg.dedup`` checked, with its threshold resolved (``auto``: calibrate's), and the stage's
+    fingerprint (shared with the sharded search of ``data_curation.slurm``)."""
+    from dataclasses import replace
+
+    from data_curation.calibrate import resolved_threshold
+
+    d = cfg.dedup
+    if d.keep not in KEEP_RULES:
+        raise CurationError(f"dedup.keep must be one of {', '.join(KEEP_RULES)}, got {d.keep!r}")
+    if d.k < 1 or not 0 < d.max_removed_fraction <= 1:
+        raise CurationError("dedup.k must be at least 1 and dedup.max_removed_fraction in (0, 1]")
+    emb_fp = emb_io.embeddings_fingerprint(resolve_path(workdir, cfg.embeddings))
+    d = replace(d, threshold=resolved_threshold(workdir, cfg, "dedup"))
+    score_fp = file_fingerprint(_score_path(d.score_file, workdir)) if d.keep == "score" else ""
+    return d, fingerprint("dedup", emb_fp, d, cfg.index, score_fp)
 
 
 def _score_path(score_file: str, workdir: Path) -> Path:

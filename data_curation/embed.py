@@ -7,11 +7,21 @@ a file list, a manifest, JPEG blobs with an optional subset, ...). Model (``embe
   ``config.yaml``, or a weights file with ``config.yaml`` beside it; ``dinov2.eval.backbone_io``);
 * ``interop``: a weights file in the timm or HF DINOv2 layout (``dinov2.interop``);
 * ``timm``: a timm model name, created with ``pretrained=False`` and filled from ``model.path`` when
-  given (without weights it is a random network: useful for tests only).
+  given (without weights it is a random network: useful for tests only);
+* ``torchscript``: a scripted descriptor model (``images -> (B, D)``), the format SSCD publishes its
+  copy-detection models in, loaded with ``torch.jit.load`` — never unpickled as Python objects, but a
+  TorchScript file is a *program*: its ``forward`` runs as written by whoever made the file, so load
+  only files from a source you trust. It carries no preprocessing, so ``embed.model.img_size`` (its
+  input side), ``embed.model.mean`` / ``std`` (default ImageNet's) and ``embed.model.resize_mode``
+  (``crop``: shorter side + centre crop; ``squash``: resized to a square, as SSCD recommends) say it.
 
-Feature: the final-norm CLS token, or ``[CLS, mean patch token]`` with ``patch_mean``, L2-normalised.
-Images are resized (shorter side to ``resize``) and centre-cropped to ``crop``; both default to the
-training global crop size of our checkpoint (the model's input size for timm / interop weights).
+Feature (``data_curation.descriptor``): the final-norm CLS token, or GeM of the patch tokens
+(``pooling=gem``), optionally with the mean patch token (``patch_mean``), averaged over ``scales``
+and over the mirror image (``flip_average``), L2-normalised; with ``whiten`` the rows are then
+PCA-whitened on the pool (``data_curation.whitening``) when every shard is done: the shards go to
+``embeddings/raw/`` first and the whitened rows to ``embeddings/``. Images are resized (shorter side
+to ``resize``) and centre-cropped to ``crop``; both default to the training global crop size of our
+checkpoint (the model's input size for timm / interop / torchscript weights).
 
 Sharding and resumption: the dataset's records are cut into shards of ``shard_size`` consecutive
 records; shard ``s`` is written as ``emb_{s:05d}.npy`` (+ its paths and skipped lists) by
@@ -51,7 +61,9 @@ import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import write_json
-from data_curation.workdir import fingerprint, resolve_path
+from data_curation.errors import CurationError
+from data_curation.whitening import WHITENING_FILE
+from data_curation.workdir import fingerprint, funnel, resolve_path
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +75,8 @@ log = logging.getLogger(__name__)
 PLAN_FILE = "embed_plan.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MODEL_KINDS = ("ours", "interop", "timm")
+MODEL_KINDS = ("ours", "interop", "timm", "torchscript")
+RAW_DIR = "raw"  # embed.whiten: the unwhitened shards, under the embeddings dir
 AMP_DTYPES = MappingProxyType({"bf16": "bfloat16", "fp16": "float16"})
 
 
@@ -157,6 +170,12 @@ def _weights_file(m: EmbedModelConfig) -> Path | None:
         if not m.path:
             raise ValueError("embed.model.path is empty: give a timm/HF DINOv2 weights file")
         return Path(m.path)
+    if m.kind == "torchscript":
+        if not m.path or not Path(m.path).is_file():
+            raise ValueError(f"embed.model.path={m.path!r} is not a file: give the TorchScript model (*.pt)")
+        if m.img_size <= 0 and m.resize_mode == "squash":
+            raise ValueError("embed.model.resize_mode=squash needs embed.model.img_size (the model's input side)")
+        return Path(m.path)
     if not m.name:
         raise ValueError("embed.model.name is empty: give a timm model name (e.g. vit_small_patch14_dinov2)")
     return Path(m.path) if m.path else None
@@ -174,6 +193,8 @@ def model_fingerprint(m: EmbedModelConfig) -> dict[str, str]:
     if m.kind == "ours":
         config = Path(m.config) if m.config else weights.parent / "config.yaml"
         out["config"] = _file_digest(config) if config.is_file() else ""
+    if m.kind == "torchscript":
+        out["preprocess"] = fingerprint(m.img_size, list(m.mean), list(m.std), m.resize_mode)
     return out
 
 
@@ -186,6 +207,8 @@ class LoadedModel:
     crop: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    squash: bool = False  # resize to crop x crop without keeping the aspect ratio (torchscript resize_mode)
+    patch_size: int = 1  # inputs of other sizes must be multiples of it (multi-scale descriptors)
 
 
 def _timm_backbone(m: EmbedModelConfig) -> tuple[Any, int, tuple, tuple]:
@@ -245,11 +268,41 @@ def load_model(m: EmbedModelConfig, device: str | torch.device = "cpu") -> Loade
 
         backbone = load_pretrained_backbone(weights, num_heads=m.num_heads or None)
         loaded = LoadedModel(backbone, f"interop:{weights}", 224, IMAGENET_MEAN, IMAGENET_STD)
+    elif m.kind == "torchscript":
+        loaded = LoadedModel(
+            _scripted_backbone(weights),
+            f"torchscript:{weights}",
+            m.img_size,
+            tuple(m.mean or IMAGENET_MEAN),
+            tuple(m.std or IMAGENET_STD),
+            squash=m.resize_mode == "squash",
+        )
     else:
         backbone, crop, mean, std = _timm_backbone(m)
         loaded = LoadedModel(backbone, f"timm:{m.name}" + (f":{weights}" if weights else ""), crop, mean, std)
+    if m.kind != "torchscript":
+        embed = getattr(loaded.backbone, "patch_embed", None)
+        size = getattr(embed, "patch_size", 1)
+        loaded.patch_size = int(size[0] if isinstance(size, tuple | list) else size)
     loaded.backbone = loaded.backbone.to(device).eval()
     return loaded
+
+
+def _scripted_backbone(path: Path) -> Any:
+    """A TorchScript descriptor model (see the module docstring for what loading one trusts)."""
+    import warnings
+
+    import torch
+
+    from data_curation.descriptor import ScriptedDescriptor
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+        try:
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as e:
+            raise ValueError(f"{path} is not a TorchScript model ({str(e).splitlines()[0]})") from None
+    return ScriptedDescriptor(scripted)
 
 
 @dataclass(frozen=True)
@@ -260,23 +313,73 @@ class Preprocess:
     crop: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    squash: bool = False  # resize to crop x crop, not keeping the aspect ratio (no centre crop)
 
     @classmethod
-    def resolve(cls, e: EmbedConfig, crop: int, mean: tuple, std: tuple) -> Preprocess:
-        crop = e.crop or crop
-        return cls(e.resize or crop, crop, tuple(e.mean or mean), tuple(e.std or std))
+    def resolve(cls, e: EmbedConfig, model: LoadedModel) -> Preprocess:
+        crop = e.crop or model.crop
+        if crop <= 0:
+            raise ValueError("the model has no input size: set embed.model.img_size (torchscript) or embed.crop")
+        squash = model.squash and not e.resize
+        return cls(e.resize or crop, crop, tuple(e.mean or model.mean), tuple(e.std or model.std), squash)
 
     def transform(self) -> Any:
         from dinov2.eval.features import eval_transform
 
-        return eval_transform(resize=self.resize, crop=self.crop, mean=self.mean, std=self.std)
+        if not self.squash:
+            return eval_transform(resize=self.resize, crop=self.crop, mean=self.mean, std=self.std)
+        import torch
+        from torchvision.transforms import v2
+
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize((self.crop, self.crop), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=list(self.mean), std=list(self.std)),
+            ]
+        )
 
 
 # ------------------------------------------------------------------------------------------ plan
 def feature_name(e: EmbedConfig) -> str:
-    """What a row is: ``cls`` or ``cls+patch_mean``, with ``+flip_average`` when mirrored images are averaged in."""
-    name = "cls+patch_mean" if e.patch_mean else "cls"
-    return name + "+flip_average" if e.flip_average else name
+    """What a row is, e.g. ``cls``, ``gem3+patch_mean``, ``cls@0.5,1+flip_average+whiten256``."""
+    name = "cls" if e.pooling == "cls" else f"gem{e.gem_p:g}"
+    if e.patch_mean:
+        name += "+patch_mean"
+    if list(e.scales) != [1.0]:
+        name += "@" + ",".join(f"{s:g}" for s in e.scales)
+    if e.flip_average:
+        name += "+flip_average"
+    if e.whiten:
+        name += f"+whiten{e.whiten_dim or ''}"
+    return name
+
+
+def check_descriptor(e: EmbedConfig) -> None:
+    """One-line errors for descriptor settings that cannot work, before any image is read."""
+    if e.model.kind == "torchscript" and (e.pooling != "cls" or e.patch_mean):
+        raise ValueError(
+            "a torchscript model gives one descriptor per image: embed.pooling=gem / patch_mean need tokens"
+        )
+    if e.pooling == "gem" and e.gem_p <= 0:
+        raise ValueError(f"embed.gem_p must be positive, got {e.gem_p}")
+    if not e.scales or any(s <= 0 for s in e.scales):
+        raise ValueError(f"embed.scales must be positive factors, got {list(e.scales)}")
+    if e.whiten and e.whiten_sample < 2:
+        raise ValueError("embed.whiten_sample must be at least 2")
+
+
+def descriptor_model(model: LoadedModel, e: EmbedConfig) -> Any:
+    """The backbone wrapped to give the descriptor ``e`` asks for (``data_curation.descriptor``)."""
+    from data_curation.descriptor import DescriptorModel
+
+    return DescriptorModel(model.backbone, e.pooling, e.gem_p, e.scales, e.patch_mean, model.patch_size)
+
+
+def shards_dir(out: Path, e: EmbedConfig) -> Path:
+    """Where the shards are written: the embeddings dir, or its ``raw/`` folder when whitening follows."""
+    return out / RAW_DIR if e.whiten else out
 
 
 def make_plan(e: EmbedConfig, dataset: Any) -> dict[str, Any]:
@@ -296,12 +399,15 @@ def make_plan(e: EmbedConfig, dataset: Any) -> dict[str, Any]:
         "count": n,
         "ends": ends,
     }
+    if e.whiten:  # (only then: the plans of earlier runs without these keys keep their fingerprint)
+        settings["whiten_sample"] = e.whiten_sample
     return {
         "fingerprint": fingerprint("embed", settings),
         "count": n,
         "shard_size": e.shard_size,
         "num_shards": max(1, math.ceil(n / e.shard_size)),
         "settings": settings,
+        "whiten": {"dim": e.whiten_dim, "sample": e.whiten_sample} if e.whiten else None,
     }
 
 
@@ -312,14 +418,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _clear_outputs(out: Path, shards: list[int], num_shards: int, remove_extra: bool) -> None:
-    """Forget finalized files, the given shards, and (``remove_extra``) shards beyond ``num_shards``."""
-    for name in ("meta.json", "paths.txt", "skipped.txt"):
-        (out / name).unlink(missing_ok=True)
-    doomed = set(shards)
-    if remove_extra:
-        doomed |= {s for s in emb_io.list_shards(out) if s >= num_shards}
-    for s in sorted(doomed):
-        _clear_shard(out, s)
+    """Forget finalized files, the given shards, and (``remove_extra``) shards beyond ``num_shards``
+    (in the embeddings dir and in its ``raw/`` folder)."""
+    for folder in (out, out / RAW_DIR):
+        for name in ("meta.json", "paths.txt", "skipped.txt", WHITENING_FILE):
+            (folder / name).unlink(missing_ok=True)
+        doomed = set(shards)
+        if remove_extra:
+            doomed |= {s for s in emb_io.list_shards(folder) if s >= num_shards}
+        for s in sorted(doomed):
+            _clear_shard(folder, s)
 
 
 def _clear_shard(out: Path, s: int) -> None:
@@ -336,12 +444,13 @@ def _check_plan(out: Path, plan: dict[str, Any], force: bool, shards: list[int],
         if force:
             _clear_outputs(out, shards, plan["num_shards"], remove_extra=single_task)
         return
-    if emb_io.list_shards(out) or (out / "meta.json").is_file():  # an earlier plan's output is there
+    earlier = emb_io.list_shards(out) or emb_io.list_shards(out / RAW_DIR) or (out / "meta.json").is_file()
+    if earlier:  # an earlier plan's output is there
         if not force:
             differs = sorted(
                 k for k in plan["settings"] if (old or {}).get("settings", {}).get(k) != plan["settings"][k]
             )
-            raise RuntimeError(
+            raise CurationError(
                 f"{out} holds embeddings of another plan (differs in: {', '.join(differs) or 'unknown'}); "
                 "re-run with --force to recompute, or set another `embeddings` dir"
             )
@@ -403,14 +512,13 @@ def embed_records(
     from dinov2.eval.features import extract_features
 
     feats, index = extract_features(
-        model.backbone,
+        descriptor_model(model, e),
         _NoSubstitute(dataset, start, stop, pre.crop),
         transform=pre.transform(),
         batch_size=e.batch_size,
         device=device,
         num_workers=e.num_workers,
         amp_dtype=_amp_dtype(e.amp, device),
-        patch_mean=e.patch_mean,
         normalize=True,
         flip_average=e.flip_average,
         progress=progress,
@@ -426,7 +534,7 @@ def embed_records(
 
 def _check_bad_fraction(n_bad: int, n: int, limit: float, shard: int, source: str) -> None:
     if n >= 20 and n_bad > limit * n:
-        raise RuntimeError(
+        raise CurationError(
             f"shard {shard}: {n_bad} of {n} images under {source} could not be decoded "
             f"(more than embed.input.max_bad_fraction={limit}); check embed.input.kind/path"
         )
@@ -442,7 +550,9 @@ def finalize_embed(out: str | Path, plan: dict[str, Any] | None = None) -> dict[
     plan = plan or _read_json(out / PLAN_FILE)
     if plan is None:
         raise FileNotFoundError(f"{out / PLAN_FILE} not found: run the embed stage first")
-    missing = [s for s in range(plan["num_shards"]) if not emb_io.shard_done(out, s)]
+    whiten = plan.get("whiten")
+    folder = out / RAW_DIR if whiten else out
+    missing = [s for s in range(plan["num_shards"]) if not emb_io.shard_done(folder, s)]
     if missing:
         log.info(
             "embed: %d of %d shards still missing (e.g. %s): not finalized",
@@ -452,13 +562,52 @@ def finalize_embed(out: str | Path, plan: dict[str, Any] | None = None) -> dict[
         )
         return None
     info = _read_json(out / "embed_info.json") or {}
-    meta = emb_io.finalize_embeddings(
-        out,
-        model_id=info.get("model_id", ""),
-        source=info.get("source", ""),
-        extra={"embed_plan": plan["fingerprint"], "feature": info.get("feature", {})},
+    extra = {"embed_plan": plan["fingerprint"], "feature": info.get("feature", {})}
+    if whiten:
+        raw_meta = emb_io.finalize_embeddings(folder, info.get("model_id", ""), info.get("source", ""), extra=extra)
+        whiten_shards(folder, out, raw_meta, whiten["dim"], whiten["sample"])
+        extra["whitening"] = WHITENING_FILE
+    return emb_io.finalize_embeddings(out, info.get("model_id", ""), info.get("source", ""), extra=extra)
+
+
+def whiten_shards(raw: Path, out: Path, raw_meta: dict[str, Any], dim: int, sample: int, seed: int = 0) -> None:
+    """Fit the PCA-whitening on (a sample of) the finalized ``raw`` rows, save it as ``out/whitening.npz``,
+    and write every shard whitened to ``out`` with its paths and skipped lists."""
+    from data_curation.atomic import read_lines
+    from data_curation.whitening import fit_whitening
+
+    count = raw_meta["count"]
+    rows = np.arange(count) if count <= sample else np.sort(np.random.default_rng(seed).choice(count, sample, False))
+    fit_rows, starts = [], np.cumsum([0, *raw_meta["shard_sizes"]])
+    for s, (start, stop) in enumerate(zip(starts[:-1], starts[1:])):
+        mine = rows[(rows >= start) & (rows < stop)] - start
+        if mine.size:
+            fit_rows.append(np.asarray(np.load(emb_io.shard_path(raw, s), mmap_mode="r")[mine], dtype=np.float32))
+    x = np.concatenate(fit_rows)
+    valid = emb_io.valid_rows(x)
+    whitening = fit_whitening(x[valid], dim)
+    log.info(
+        "embed: PCA-whitening fitted on %d rows: %d -> %d dims",
+        int(valid.sum()),
+        x.shape[1],
+        len(whitening.eigenvalues),
     )
-    return meta
+    whitening.save(out / WHITENING_FILE)
+    for s in range(len(raw_meta["shard_sizes"])):
+        shard = np.asarray(np.load(emb_io.shard_path(raw, s)), dtype=np.float32)
+        ok = emb_io.valid_rows(shard)
+        y = np.zeros((len(shard), len(whitening.eigenvalues)), np.float32)  # unusable rows stay unusable
+        y[ok] = whitening.apply(shard[ok])
+        skipped_file = raw / f"skipped_{s:05d}.txt"
+        emb_io.write_shard(
+            out,
+            s,
+            y,
+            read_lines(raw / f"paths_{s:05d}.txt"),
+            skipped=read_lines(skipped_file) if skipped_file.is_file() else (),
+            dtype=raw_meta["dtype"],
+            normalize=False,
+        )
 
 
 def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
@@ -470,6 +619,7 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
 
     cfg = cfg or CurationConfig()
     e = cfg.embed
+    check_descriptor(e)
     if e.dtype not in ("float16", "float32"):
         raise ValueError(f"embed.dtype must be float16 or float32, got {e.dtype!r}")
     if e.shard_size < 1 or e.batch_size < 1:
@@ -504,8 +654,11 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
             "count": meta["count"],
             "num_skipped": meta["num_skipped"],
             "shards_written": 0,
+            **funnel(meta["count"] + meta["num_skipped"], meta["count"]),
         }
-    todo = [s for s in mine if not emb_io.shard_done(out, s)]
+    folder = shards_dir(out, e)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in mine if not emb_io.shard_done(folder, s)]
     log.info(
         "embed: %d images, %d shards of %d; task %d/%d owns %d, %d to do",
         plan["count"],
@@ -522,7 +675,7 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
     if todo:
         device = torch.device(e.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_model(e.model, device)
-        pre = Preprocess.resolve(e, model.crop, model.mean, model.std)
+        pre = Preprocess.resolve(e, model)
         feature = {"feature": feature_name(e), **asdict(pre)}
         write_json(
             out / "embed_info.json",
@@ -531,6 +684,7 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
                 "source": input_source(e.input),
                 "feature": feature,
                 "plan": plan["fingerprint"],
+                "embed_config": asdict(e),  # what `calibrate` re-embeds planted copies with
             },
         )
         bar = tqdm(
@@ -542,7 +696,7 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
         )
         for s in todo:
             start, stop = s * e.shard_size, min((s + 1) * e.shard_size, plan["count"])
-            _clear_shard(out, s)  # stale paths/skipped files of an interrupted or forced shard
+            _clear_shard(folder, s)  # stale paths/skipped files of an interrupted or forced shard
             t_shard = time.perf_counter()
             x, index, bad = embed_records(model, dataset, start, stop, pre, e, device, progress=cfg.progress)
             _check_bad_fraction(len(bad), stop - start, e.input.max_bad_fraction, s, dataset.source)
@@ -550,7 +704,7 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
             bad_paths = [dataset.describe(i) for i in bad]
             elapsed = time.perf_counter() - t_shard
             write_json(
-                out / f"stats_{s:05d}.json",
+                folder / f"stats_{s:05d}.json",
                 {
                     "shard": s,
                     "images": stop - start,
@@ -566,7 +720,7 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
                     **feature,
                 },
             )
-            emb_io.write_shard(out, s, x, paths, skipped=bad_paths, dtype=e.dtype)
+            emb_io.write_shard(folder, s, x, paths, skipped=bad_paths, dtype=e.dtype)
             rows, skipped, seconds = rows + len(x), skipped + len(bad), seconds + elapsed
             bar.update(stop - start)
             bar.set_postfix(shard=s, skipped=skipped)
@@ -586,4 +740,5 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
     )
     if meta is not None:
         summary.update({"count": meta["count"], "num_skipped": meta["num_skipped"]})
+        summary.update(funnel(meta["count"] + meta["num_skipped"], meta["count"]))
     return summary

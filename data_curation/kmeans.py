@@ -40,8 +40,9 @@ import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json
+from data_curation.errors import CurationError
 from data_curation.index import build_index, import_faiss, search, want_gpu
-from data_curation.workdir import fingerprint, load_selection, resolve_path, resolve_selection, run_stage
+from data_curation.workdir import fingerprint, funnel, load_selection, resolve_path, resolve_selection, run_stage
 
 if TYPE_CHECKING:
     from data_curation.config import CurationConfig
@@ -267,6 +268,21 @@ def load_levels(folder: str | Path, fp: str | None = None) -> list[Level]:
     return levels
 
 
+def check_levels(n_clusters: Sequence[int], n_points: int, source: str) -> None:
+    """One-line error unless every level asks for at least one and fewer clusters than it has inputs."""
+    sizes = [n_points, *n_clusters]
+    bad = next((l for l in range(1, len(sizes)) if not 1 <= sizes[l] <= sizes[l - 1]), None)
+    if n_points == 0 or bad is not None:
+        hint = [max(1, n_points // 10**level) for level in range(1, len(n_clusters) + 1)]
+        what = (
+            "no images" if n_points == 0 else f"level {bad} asks for {sizes[bad]} clusters of {sizes[bad - 1]} inputs"
+        )
+        raise CurationError(
+            f"cluster.n_clusters={list(n_clusters)} does not fit the {n_points:,} images of '{source}' ({what}); "
+            f"each level needs at most as many clusters as inputs, e.g. cluster.n_clusters={hint}"
+        )
+
+
 def run_cluster(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``cluster`` stage: hierarchical k-means of the input selection (module docstring)."""
     from data_curation.config import CurationConfig
@@ -282,6 +298,7 @@ def run_cluster(workdir: str | Path, cfg: CurationConfig | None = None, force: b
     def compute(out: Path) -> dict[str, Any]:
         x, _ = emb_io.load_embeddings(emb_dir)
         pool = load_selection(workdir, selection, emb_io.valid_rows(x))
+        check_levels(c.n_clusters, len(pool), selection.name)
         for stale in range(len(c.n_clusters) + 1, 1000):  # levels of an earlier, deeper run
             if not (out / f"level{stale}.json").exists():
                 break
@@ -318,6 +335,6 @@ def run_cluster(workdir: str | Path, cfg: CurationConfig | None = None, force: b
                     "points_max": int(counts.max()),
                 }
             )
-        return {"input": selection.name, "n_points": len(pool), "levels": per_level}
+        return {"input": selection.name, "n_points": len(pool), "levels": per_level, **funnel(len(pool), len(pool))}
 
     return run_stage(workdir, "cluster", fp, compute, force)

@@ -21,9 +21,11 @@ import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import open_text_atomic, read_lines
+from data_curation.errors import CurationError
 from data_curation.workdir import (
     file_fingerprint,
     fingerprint,
+    funnel,
     load_selection,
     resolve_path,
     resolve_selection,
@@ -110,6 +112,8 @@ def run_manifest(workdir: str | Path, cfg: CurationConfig | None = None, force: 
         else:
             valid = np.ones(meta["count"], dtype=bool)
         rows = load_selection(workdir, selection, valid)
+        if len(rows) == 0:
+            raise CurationError(f"manifest: the selection '{selection.name}' is empty: nothing to train on")
         root = meta.get("root", "")
         source = m.source or meta.get("source", "") or Path(selection.name).stem
         labels = load_labels(resolve_path(workdir, m.labels), meta["count"]) if m.labels else None
@@ -118,6 +122,12 @@ def run_manifest(workdir: str | Path, cfg: CurationConfig | None = None, force: 
             ((os.path.join(root, paths[r]) if root else paths[r], source, labels[r] if labels else None) for r in rows),
         )
         log.info("manifest: %d rows from selection '%s' -> %s", n, selection.name, output)
-        return {"selection": selection.name, "n_rows": n, "output": str(output), "source": source}
+        return {
+            "selection": selection.name,
+            "n_rows": n,
+            "output": str(output),
+            "source": source,
+            **funnel(len(rows), n),
+        }
 
     return run_stage(workdir, "manifest", fp, compute, force)

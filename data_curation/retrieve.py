@@ -28,10 +28,12 @@ import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json
+from data_curation.errors import CurationError
 from data_curation.index import index_from_config, search
 from data_curation.kmeans import assign, train_kmeans
 from data_curation.workdir import (
     fingerprint,
+    funnel,
     load_selection,
     resolve_path,
     resolve_selection,
@@ -116,6 +118,7 @@ def run_retrieve(workdir: str | Path, cfg: CurationConfig | None = None, force: 
         x, _ = emb_io.load_embeddings(emb_dir)
         pool_rows = load_selection(workdir, selection, emb_io.valid_rows(x))
         pool = x[pool_rows]
+        _check_inputs(r, len(pool), x.shape[1], query_dirs)
         index = None
         clusters = None
         selected = np.empty(0, np.int64)
@@ -161,11 +164,25 @@ def run_retrieve(workdir: str | Path, cfg: CurationConfig | None = None, force: 
             "n_pool": len(pool_rows),
             "n_selected": len(selected),
             "query_sets": per_set,
+            **funnel(len(pool_rows), len(selected)),
         }
         write_json(out / "report.json", summary)
         return summary
 
     return run_stage(workdir, "retrieve", fp, compute, force)
+
+
+def _check_inputs(r: RetrieveConfig, n_pool: int, dim: int, query_dirs: list[Path]) -> None:
+    """One-line errors for a retrieval that cannot work, before any search."""
+    if n_pool == 0:
+        raise CurationError("retrieve: the input selection is empty")
+    if any(q.method == "cluster" for q in r.query_sets) and not 1 <= r.n_clusters <= n_pool:
+        raise CurationError(f"retrieve.n_clusters={r.n_clusters} must be between 1 and the {n_pool:,} pool images")
+    for q, qdir in zip(r.query_sets, query_dirs):
+        if q.method == "sample" and q.k < 1:
+            raise CurationError(f"query set {q.path}: k must be at least 1")
+        if emb_io.read_meta(qdir)["dim"] != dim:
+            raise CurationError(f"query set {qdir} has {emb_io.read_meta(qdir)['dim']}-d embeddings, the pool {dim}-d")
 
 
 def _pool_clusters(pool: np.ndarray, r: RetrieveConfig, cfg: CurationConfig, out: Path) -> tuple[np.ndarray, ...]:

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from data_curation.atomic import save_npy, write_json
+from data_curation.errors import CurationError
 from data_curation.kmeans import Level, load_levels, point_labels
-from data_curation.workdir import fingerprint, read_done, run_stage
+from data_curation.workdir import fingerprint, funnel, read_done, run_stage
 
 if TYPE_CHECKING:
     from data_curation.config import CurationConfig
@@ -127,6 +128,11 @@ def run_sample(workdir: str | Path, cfg: CurationConfig | None = None, force: bo
             raise FileNotFoundError(f"{folder}: found {len(levels)} of {n_levels} levels; re-run cluster")
         levels = levels[:n_levels]
         pool = np.load(folder / "pool.npy")
+        if not 1 <= s.target_size <= len(pool):
+            raise CurationError(
+                f"sample.target_size={s.target_size:,} but the cluster stage holds {len(pool):,} images: set "
+                f"sample.target_size between 1 and {len(pool):,} (or leave the sample stage out)"
+            )
         local = balanced_hierarchical_sample(levels, s.target_size, s.leaf_selection, s.seed)
         selected = pool[local]
         save_npy(out / "selected.npy", selected)
@@ -138,6 +144,7 @@ def run_sample(workdir: str | Path, cfg: CurationConfig | None = None, force: bo
             "leaf_selection": s.leaf_selection,
             "top_level_entropy_pool": entropy(top),
             "top_level_entropy_selected": entropy(top[local]),
+            **funnel(len(pool), len(selected)),
         }
         write_json(
             out / "report.json",

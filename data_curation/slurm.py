@@ -36,7 +36,7 @@ import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json, write_lines
-from data_curation.workdir import fingerprint, resolve_path, run_stage
+from data_curation.workdir import resolve_path, run_stage
 
 if TYPE_CHECKING:
     from data_curation.config import CurationConfig
@@ -240,13 +240,10 @@ def usable_rows(directory: str | Path) -> np.ndarray:
 
 
 def _dedup_fingerprint(workdir: Path, cfg: CurationConfig) -> str:
-    """The fingerprint the dedup stage gives its DONE file (see ``data_curation.dedup.run_dedup``)."""
-    from data_curation.workdir import file_fingerprint
+    """The fingerprint the dedup stage gives its DONE file (``data_curation.dedup.dedup_settings``)."""
+    from data_curation.dedup import dedup_settings
 
-    d = cfg.dedup
-    score_fp = file_fingerprint(resolve_path(workdir, d.score_file)) if d.keep == "score" else ""
-    emb_fp = emb_io.embeddings_fingerprint(resolve_path(workdir, cfg.embeddings))
-    return fingerprint("dedup", emb_fp, d, cfg.index, score_fp)
+    return dedup_settings(Path(workdir), cfg)[1]
 
 
 def _search_plan(folder: Path) -> dict[str, Any]:
@@ -268,11 +265,12 @@ def prepare_search(
     cosine from the embeddings before applying ``threshold``. With the default 0 the result is the
     dedup stage's exactly.
     """
+    from data_curation.dedup import dedup_settings
     from data_curation.index import import_faiss, index_from_config
 
     workdir = Path(workdir)
     folder = workdir / SEARCH_DIR
-    fp = _dedup_fingerprint(workdir, cfg)
+    d, fp = dedup_settings(workdir, cfg)  # runs calibrate first for dedup.threshold=auto
     old = folder / "plan.json"
     if old.is_file():
         plan = _search_plan(folder)
@@ -299,6 +297,7 @@ def prepare_search(
         "n_pool": len(pool),
         "bounds": bounds,
         "rescore_margin": rescore_margin,
+        "threshold": d.threshold,
     }
     write_json(folder / "plan.json", plan)
     return plan
@@ -333,7 +332,7 @@ def search_shard(
             index.referenced_objects = [resources]
     else:
         index = index_from_config(rows, cfg.index)
-    k, threshold, margin = cfg.dedup.k, cfg.dedup.threshold, plan["rescore_margin"]
+    k, threshold, margin = cfg.dedup.k, plan["threshold"], plan["rescore_margin"]
     found = []
     for start, sims, ids in iter_search(index, queries, k + 1, cfg.index.batch_size, cfg.progress):
         me = np.arange(lo + start, lo + start + len(ids), dtype=np.int64)[:, None]
@@ -363,18 +362,18 @@ def merge_pairs(pairs: np.ndarray) -> np.ndarray:
 
 def merge_search(workdir: str | Path, cfg: CurationConfig, force: bool = False) -> dict[str, Any]:
     """The dedup stage's outputs from the search parts (all must be present)."""
-    from data_curation.dedup import PAIR_DTYPE, components, components_report, dedup_report, select_keep
+    from data_curation.dedup import PAIR_DTYPE, components, components_report, dedup_report, dedup_settings, select_keep
+    from data_curation.workdir import check_removed_fraction, funnel
 
     workdir = Path(workdir)
     folder = workdir / SEARCH_DIR
     plan = _search_plan(folder)
-    fp = _dedup_fingerprint(workdir, cfg)
+    d, fp = dedup_settings(workdir, cfg)
     if plan["fingerprint"] != fp:
         raise RuntimeError("the search parts were made for other embeddings or settings: run prepare_search again")
     missing = [i for i in range(plan["num_shards"]) if not (folder / f"pairs_{i:05d}.npy").is_file()]
     if missing:
         raise FileNotFoundError(f"search parts missing for tasks {missing[:10]} ({len(missing)} in all)")
-    d = cfg.dedup
     emb_dir = resolve_path(workdir, cfg.embeddings)
 
     def compute(out: Path) -> dict[str, Any]:
@@ -390,6 +389,9 @@ def merge_search(workdir: str | Path, cfg: CurationConfig, force: bool = False) 
         if d.keep == "score":
             scores = np.load(resolve_path(workdir, d.score_file))[pool]
         keep_local = select_keep(labels, d.keep, d.seed, pairs=(i, j), emb=sub, scores=scores)
+        check_removed_fraction(
+            "dedup", len(pool), len(keep_local), d.max_removed_fraction, force, f"threshold {d.threshold}"
+        )
         pairs = np.empty(len(local), dtype=PAIR_DTYPE)
         pairs["i"], pairs["j"], pairs["sim"] = pool[i], pool[j], local["sim"]
         global_labels = np.full(len(paths), -1, dtype=np.int64)
@@ -402,7 +404,7 @@ def merge_search(workdir: str | Path, cfg: CurationConfig, force: bool = False) 
         report = components_report(labels, keep_local, _Subset(paths, pool), d.report_top, d.report_members)
         report = {**dedup_report(d, len(i), len(skipped), emb_dir, report), "search_tasks": plan["num_shards"]}
         write_json(out / "components.json", report)
-        return {k: v for k, v in report.items() if k != "largest_components"}
+        return {**{k: v for k, v in report.items() if k != "largest_components"}, **funnel(len(pool), len(keep_local))}
 
     return run_stage(workdir, "dedup", fp, compute, force)
 

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from data_curation.atomic import write_json
+from data_curation.errors import CurationError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,38 @@ def read_done(workdir: str | Path, name: str) -> dict[str, Any] | None:
     return json.loads(done.read_text())
 
 
+def funnel(n_in: int, n_out: int) -> dict[str, Any]:
+    """The images a stage received and passed on, and the fraction it removed: every stage's summary
+    holds these three keys (``dinov2-curate report`` draws them as the stage funnel)."""
+    return {
+        "images_in": int(n_in),
+        "images_out": int(n_out),
+        "removed_fraction": round((n_in - n_out) / n_in, 6) if n_in else 0.0,
+    }
+
+
+def funnel_line(name: str, summary: dict[str, Any]) -> str | None:
+    """``"dedup: 340 images in, 338 out (0.6 % removed)"``, or None when the summary has no funnel."""
+    if "images_in" not in summary:
+        return None
+    n_in, n_out = summary["images_in"], summary["images_out"]
+    return f"{name}: {n_in:,} images in, {n_out:,} out ({100 * summary['removed_fraction']:.1f} % removed)"
+
+
+def check_removed_fraction(stage: str, n_in: int, n_out: int, limit: float, force: bool, what: str) -> None:
+    """The guardrail of the removing stages: more than ``limit`` of the images removed stops the stage
+    (before it writes anything) unless ``force``. ``what`` names the rule, e.g. "threshold 0.6"."""
+    removed = n_in - n_out
+    if n_in and removed > limit * n_in and not force:
+        raise CurationError(
+            f"{stage} would remove {removed:,} of {n_in:,} images ({100 * removed / n_in:.1f} %) at {what}, more than "
+            f"{stage}.max_removed_fraction={limit}; the threshold is probably wrong for this embedding: run "
+            f"`dinov2-curate calibrate` (or set {stage}.threshold=auto), or pass --force to accept"
+        )
+    if n_in and removed > limit * n_in:
+        log.warning("%s: removing %.1f %% of the images (--force)", stage, 100 * removed / n_in)
+
+
 def run_stage(
     workdir: str | Path,
     name: str,
@@ -99,7 +132,10 @@ def run_stage(
 ) -> dict[str, Any]:
     """Run ``compute(stage_folder) -> summary`` unless the stage is done with fingerprint ``fp``.
 
-    Returns the summary (the stored one when skipped). The summary must be JSON-able.
+    Returns the summary (the stored one when skipped). The summary must be JSON-able; its funnel
+    (:func:`funnel`), when it has one, is logged. A :class:`CurationError` from ``compute`` (raised
+    before it writes anything) puts back the stage's previous ``DONE`` record, so a refused re-run
+    leaves the work directory as it was.
     """
     done = read_done(workdir, name)
     if done is not None and done.get("fingerprint") == fp and not force:
@@ -110,10 +146,16 @@ def run_stage(
     folder = stage_dir(workdir, name)
     (folder / "DONE").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    summary = compute(folder)
+    try:
+        summary = compute(folder)
+    except CurationError:
+        if done is not None:
+            write_json(folder / "DONE", done)
+        raise
     seconds = round(time.perf_counter() - t0, 3)
     write_json(folder / "DONE", {"fingerprint": fp, "seconds": seconds, "summary": summary})
-    log.info("%s: done in %.1f s", name, seconds)
+    line = funnel_line(name, summary)
+    log.info("%s (%.1f s)", line, seconds) if line else log.info("%s: done in %.1f s", name, seconds)
     return summary
 
 

@@ -11,7 +11,7 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -130,6 +130,41 @@ class LossConfig:
     ibot_separate_head: bool = False
 
 
+# ------------------------------------------------------------------------------- copy detection
+#: a single near-copy transform (dinov2.data.copy_augmentations), and a planted copy's kind (+ combinations)
+CopyTransform = Literal["crop", "flip", "jpeg", "jitter", "rotate", "overlay"]
+CopyKind = Literal["crop", "flip", "jpeg", "jitter", "rotate", "overlay", "combo"]
+
+
+@dataclass
+class CopyAugmentConfig:
+    """Near-copy transforms (``dinov2.data.copy_augmentations``): the copy-detection recipe's views and the
+    copies ``dinov2-curate calibrate`` plants. A transform's strength is drawn uniformly in its range."""
+
+    crop_area: list[float] = field(default_factory=lambda: [0.5, 0.9])  # crop: kept fraction of the area
+    crop_aspect: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # crop: width / height
+    jpeg_quality: list[int] = field(default_factory=lambda: [20, 60])  # jpeg: re-encoding quality
+    jitter: float = 0.3  # jitter: brightness, contrast and saturation factors in [1 - j, 1 + j]
+    hue: float = 0.05  # jitter: hue shift in [-hue, hue] (fraction of the colour wheel)
+    rotate_degrees: float = 10.0  # rotate: angle in [-r, r], the corners filled by stretching (no borders)
+    overlay_size: list[float] = field(default_factory=lambda: [0.15, 0.35])  # overlay: text height / image height
+    overlay_opacity: list[float] = field(default_factory=lambda: [0.6, 1.0])  # overlay: alpha of the text or box
+    combo_size: list[int] = field(default_factory=lambda: [2, 3])  # combo: how many different transforms
+
+
+@dataclass
+class CopyDetectionConfig:
+    """``train.objective=copy_detection`` (SSCD-style instance discrimination, ``dinov2.train.copy_detection``)."""
+
+    temperature: float = 0.05  # InfoNCE temperature (SSCD: 0.05)
+    entropy_weight: float = 30.0  # weight of the KoLeo differential-entropy term (SSCD: 30)
+    kinds: list[CopyTransform] = field(
+        default_factory=lambda: ["crop", "flip", "jpeg", "jitter", "rotate", "overlay"]
+    )  # transforms a training view may get, each independently with probability transform_p
+    transform_p: float = 0.5
+    augment: CopyAugmentConfig = field(default_factory=CopyAugmentConfig)
+
+
 # ---------------------------------------------------------------------------------------- optimizer
 @dataclass
 class OptimConfig:
@@ -217,6 +252,9 @@ class TrainConfig:
     tensorboard: bool = True
     export_teacher: bool = True  # export the final backbone(s) as safetensors (the students when distilling)
     stop_check_every: int = 10  # dinov2-submit: iterations between the ranks' collective check for a stop signal
+    # what the loop optimises: DINO + iBOT + KoLeo self-distillation (or distillation), or instance
+    # discrimination under copy augmentations (a copy detector, dinov2.train.copy_detection)
+    objective: Literal["dino", "copy_detection"] = "dino"
 
 
 @dataclass
@@ -231,6 +269,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    copy_detection: CopyDetectionConfig = field(default_factory=CopyDetectionConfig)
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,10 +83,12 @@ def build_train_loader(
     world_size: int = 1,
     start_iteration: int = 0,
     dataset: ImageDataset | None = None,
+    transform: Callable[[Any], dict[str, Any]] | None = None,
 ) -> TrainLoader:
     """The training batches of ``rank``, starting at iteration ``start_iteration``.
 
-    ``dataset`` overrides ``cfg.dataset`` (for callers that already hold one).
+    ``dataset`` overrides ``cfg.dataset`` (for callers that already hold one); ``transform`` replaces
+    the multi-crop augmentation (it must return the same ``global_crops`` / ``local_crops`` layout).
     """
     dataset = build_dataset(cfg.dataset) if dataset is None else dataset
     if cfg.shuffle_window < 0 or (cfg.shuffle_window and not hasattr(dataset, "shard_sizes")):
@@ -108,7 +110,7 @@ def build_train_loader(
     )
     workers = cfg.num_workers
     dataloader = torch.utils.data.DataLoader(
-        AugmentedDataset(dataset, MultiCropAugmentation(cfg.crops), seed=seed),
+        AugmentedDataset(dataset, transform or MultiCropAugmentation(cfg.crops), seed=seed),
         batch_size=cfg.batch_size_per_gpu,
         sampler=sampler,
         drop_last=True,

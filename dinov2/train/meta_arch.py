@@ -191,6 +191,10 @@ class SSLMetaArch(nn.Module):
         """The run's main result: the backbone of the first of :meth:`exports`."""
         return next(iter(self.exports().values()))[1]
 
+    def train_transform(self) -> None:
+        """The per-image training transform: None, the loader's multi-crop augmentation."""
+        return None
+
 
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:

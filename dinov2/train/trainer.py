@@ -74,7 +74,13 @@ def autocast_context(cfg: Config, device: torch.device):
 
 
 def build_meta_arch(cfg: Config, device: torch.device) -> SSLMetaArch:
-    """The meta-architecture for ``cfg``: self-supervised, or distillation when ``cfg.distill.enabled``."""
+    """The meta-architecture for ``cfg``: self-supervised, distillation when ``cfg.distill.enabled``, or the
+    copy detector of ``train.objective=copy_detection``. The one place the objective is chosen: the
+    meta-architecture also names its data transform (``train_transform``), so the loop stays generic."""
+    if cfg.train.objective == "copy_detection":
+        from dinov2.train.copy_detection import CopyDetectionMetaArch
+
+        return CopyDetectionMetaArch(cfg).to(device)
     if cfg.distill.enabled:
         from dinov2.distill.meta_arch import build_distill_meta_arch
 
@@ -131,9 +137,10 @@ def train_step(
     return step.parts
 
 
-def build_loader(cfg: Config, env: DistEnv, device: torch.device, start_iteration: int):
+def build_loader(cfg: Config, env: DistEnv, device: torch.device, start_iteration: int, transform: Any = None):
     """The training batches of this rank: PIL/torchvision workers (``data.pipeline=cpu``) or batched
-    augmentation of a decoded uint8 dataset on the device (``data.pipeline=gpu``)."""
+    augmentation of a decoded uint8 dataset on the device (``data.pipeline=gpu``). ``transform``: the
+    meta-architecture's per-image transform (None: multi-crop)."""
     common = dict(
         patch_size=cfg.model.patch_size,
         seed=cfg.train.seed,
@@ -142,7 +149,7 @@ def build_loader(cfg: Config, env: DistEnv, device: torch.device, start_iteratio
         start_iteration=start_iteration,
     )
     if cfg.data.pipeline == "cpu":
-        return build_train_loader(cfg.data, **common)
+        return build_train_loader(cfg.data, transform=transform, **common)
     if cfg.data.pipeline == "gpu":
         from dinov2.data.gpu_augmentations import build_gpu_train_loader
 
@@ -186,7 +193,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         if env.is_main:
             logger.info("resumed from %s at iteration %d", latest, start)
 
-    loader = build_loader(cfg, env, device, start)
+    loader = build_loader(cfg, env, device, start, transform=model.train_transform())
     metrics = MetricsWriter(output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
     result = TrainResult(output_dir=output_dir, iterations=start)
     progress = _progress_bar(cfg, env, start, total)
