@@ -107,6 +107,26 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.d
     return times
 
 
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, by a substring of the device name.
+# The first match wins, so the more specific names come first.
+DATASHEET_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),  # SXM (HBM3)
+    ("H200", 989e12),  # SXM
+    ("A100", 312e12),
+)
+
+
+def datasheet_bf16_peak(device: torch.device) -> float | None:
+    """The datasheet dense bf16 peak (FLOP/s) of ``device``'s GPU, or None when it is not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_BF16 if key in name), None)
+
+
 def matmul_peak(device: torch.device, size: int | None = None, iters: int = 10) -> tuple[float, str]:
     """Measured matmul throughput (FLOP/s, median over ``iters``) and its dtype: bf16 ``8192³`` on
     CUDA, fp32 ``512³`` on CPU (the dtype each device's training step computes in)."""

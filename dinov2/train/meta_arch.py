@@ -93,7 +93,8 @@ class SSLMetaArch(nn.Module):
         out = self.teacher.backbone(global_crops)
         cls, patch = out["cls"], out["patch"]
         masked = patch.flatten(0, 1)[mask_index]
-        dino_logits, ibot_logits = self.teacher.head_logits(cls, masked)
+        with torch.autocast(global_crops.device.type, enabled=False):  # fp32 logits before the sharp temperature
+            dino_logits, ibot_logits = self.teacher.head_logits(cls.float(), masked.float())
         dino_logits = dino_logits.reshape(2, -1, dino_logits.shape[-1])
         dino_targets = self.dino_center(dino_logits, teacher_temp)
         ibot_targets = self.ibot_center(ibot_logits, teacher_temp)
