@@ -86,8 +86,12 @@ def is_oom(error: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- timing
-def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds per call of ``step`` after ``warmup`` untimed calls (CUDA events on GPU)."""
+def time_steps(
+    step: Callable[[], Any], steps: int, warmup: int, device: torch.device, cpu_time: bool = False
+) -> list[float]:
+    """Seconds per call of ``step`` after ``warmup`` untimed calls (CUDA events on GPU). ``cpu_time`` (CPU
+    only): this process's CPU seconds instead of wall-clock seconds — with one thread, the step's work,
+    whatever else runs on a shared machine."""
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -99,11 +103,12 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.d
             end.record()
         synchronize(device)
         return [start.elapsed_time(end) / 1e3 for start, end in events]
+    clock = time.process_time if cpu_time else time.perf_counter
     times = []
     for _ in range(steps):
-        tick = time.perf_counter()
+        tick = clock()
         step()
-        times.append(time.perf_counter() - tick)
+        times.append(clock() - tick)
     return times
 
 
@@ -127,14 +132,16 @@ def datasheet_bf16_peak(device: torch.device) -> float | None:
     return next((peak for key, peak in DATASHEET_BF16 if key in name), None)
 
 
-def matmul_peak(device: torch.device, size: int | None = None, iters: int = 10) -> tuple[float, str]:
+def matmul_peak(
+    device: torch.device, size: int | None = None, iters: int = 10, cpu_time: bool = False
+) -> tuple[float, str]:
     """Measured matmul throughput (FLOP/s, median over ``iters``) and its dtype: bf16 ``8192³`` on
     CUDA, fp32 ``512³`` on CPU (the dtype each device's training step computes in)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = size or (8192 if device.type == "cuda" else 512)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    times = time_steps(lambda: torch.mm(a, b), steps=iters, warmup=3, device=device)
+    times = time_steps(lambda: torch.mm(a, b), steps=iters, warmup=3, device=device, cpu_time=cpu_time)
     return 2 * size**3 / statistics.median(times), str(dtype).removeprefix("torch.")
 
 

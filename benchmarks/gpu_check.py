@@ -123,6 +123,31 @@ def compiled_regions(fn) -> tuple[Any, int]:
     return out, sum(1 for e in prof.events() if e.name.startswith("Torch-Compiled Region"))
 
 
+@contextlib.contextmanager
+def eager_block_calls():
+    """A list that grows by one whenever a block's forward body runs as Python at run time — eagerly,
+    because it was never compiled or fell out of its compiled region (e.g. a checkpoint that dynamo could
+    not trace runs eagerly inside an otherwise compiled frame, which profiler ranges do not show). The
+    wrapper is inlined by dynamo when it traces, so compiled code never calls it."""
+    import torch
+
+    from dinov2.layers.block import Block
+
+    calls: list[int] = []
+    original = Block._forward
+
+    def counted(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            calls.append(1)
+        return original(self, *args, **kwargs)
+
+    Block._forward = counted
+    try:
+        yield calls
+    finally:
+        Block._forward = original
+
+
 def host_syncs(fn, device) -> tuple[Any, list[str]]:
     """``fn()`` with CUDA's sync debug mode on "warn": the synchronising calls it made (CUDA only)."""
     import warnings
@@ -157,8 +182,9 @@ def step_config(dry: bool, ac: str, compiled: bool, fsdp: bool, batch: int):
     return load_config("train/vits14", overrides)
 
 
-def check_step(cfg, env, device, steps: int, reference_loss: float | None) -> dict[str, Any]:
-    """The trainer's build and step under ``cfg`` (see the module docstring, section 2)."""
+def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager_calls: list | None = None):
+    """The trainer's build and step under ``cfg`` (see the module docstring, section 2); ``eager_calls``:
+    the list of :func:`eager_block_calls`, installed before the blocks were first compiled."""
 
     from benchmarks.common import synchronize
     from benchmarks.throughput import check_optimizer_holds, synthetic_batch
@@ -185,8 +211,10 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None) -> di
     warmup_s = time.perf_counter() - tick
     after_warmup = dynamo_counts()
     regions, syncs, losses, grad_norms, times = [], [], [float(first["loss"])], [float(first["grad_norm"])], []
+    eager = []
     for i in range(1, steps + 1):
         synchronize(device)
+        calls_before = len(eager_calls) if eager_calls is not None else 0
         tick = time.perf_counter()
         if i == 1:
             (parts, count), syncs = host_syncs(lambda i=i: compiled_regions(lambda: step(i)), device)
@@ -194,14 +222,23 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None) -> di
             parts, count = compiled_regions(lambda i=i: step(i))
         synchronize(device)
         times.append(time.perf_counter() - tick)
+        eager.append(len(eager_calls) - calls_before if eager_calls is not None else None)
         regions.append(count)
         losses.append(float(parts["loss"]))
         grad_norms.append(float(parts["grad_norm"]))
     end = dynamo_counts()
-    moved = max((_local(p).detach() - b).abs().max().item() for p, b in zip(model.teacher.parameters(), teacher_before))
+    moved = max(  # over this rank's shards (some are empty at world size > 1)
+        (
+            (_local(p).detach() - b).abs().max().item()
+            for p, b in zip(model.teacher.parameters(), teacher_before)
+            if b.numel()
+        ),
+        default=0.0,
+    )
     result = {
         "blocks_per_step": blocks,
         "compiled_regions_per_step": regions,
+        "eager_block_calls_per_step": eager,
         "graph_breaks": end["graph_breaks"] - before["graph_breaks"],
         "graph_break_reasons": graph_break_reasons(),
         "graphs_compiled_in_warmup": after_warmup["graphs"] - before["graphs"],
@@ -220,6 +257,8 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None) -> di
             problems.append(f"{result['graph_breaks']} graph breaks")
         if any(r < blocks for r in regions):
             problems.append(f"compiled regions per step {regions} < {blocks} blocks run")
+        if any(eager):
+            problems.append(f"block forwards run eagerly per step: {eager}")
         if result["recompiles_after_warmup"]:
             problems.append(f"{result['recompiles_after_warmup']} recompilations after the warm-up step")
     if syncs:
@@ -272,14 +311,14 @@ def section_step(dry: bool, fsdp: bool) -> dict[str, Any]:
     batch = DRY_BATCH if dry else GPU_BATCH
     out: dict[str, Any] = {"device": str(device), "batch": batch, "modes": {}}
     session = distributed_session("auto", always=True) if fsdp else contextlib.nullcontext(DistEnv())
-    with session as env:
+    with session as env, eager_block_calls() as eager_calls:
         if fsdp:
             out["world_size"] = env.world_size
         for ac in AC_MODES:
             try:
                 cfg = step_config(dry, ac, compiled=True, fsdp=fsdp, batch=batch)
                 reference = eager_first_loss(cfg, env, device)
-                out["modes"][ac] = check_step(cfg, env, device, steps=3, reference_loss=reference)
+                out["modes"][ac] = check_step(cfg, env, device, 3, reference, eager_calls)
             except Exception as e:  # noqa: BLE001 — keep going with the next mode, report this one
                 out["modes"][ac] = {"problems": [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]}
                 traceback.print_exc()
@@ -499,11 +538,13 @@ def summary_markdown(record: dict[str, Any]) -> str:
         for ac, m in modes.items():
             table.append([
                 ac, m.get("graph_breaks"), m.get("blocks_per_step"), m.get("compiled_regions_per_step"),
+                m.get("eager_block_calls_per_step"),
                 m.get("recompiles_after_warmup"), len(m.get("host_syncs", [])), _num(m.get("losses", [None])[0]),
                 _num(m.get("eager_first_loss")), _num(m.get("images_per_s")), _num(m.get("warmup_s")),
             ])  # fmt: skip
         columns = [
-            "AC", "graph breaks", "blocks/step", "compiled regions/step", "recompiles after warm-up", "host syncs",
+            "AC", "graph breaks", "blocks/step", "compiled regions/step", "eager block calls/step",
+            "recompiles after warm-up", "host syncs",
             "loss (compiled)", "loss (eager)", "img/s", "warm-up s",
         ]  # fmt: skip
         lines += ["", f"`{name}`:", "", format_table(columns, table)]

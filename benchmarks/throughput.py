@@ -219,7 +219,14 @@ def flop_check(cfg: Any, batch_size: int, device: torch.device, env: Any) -> flo
 
 
 def bench_ssl(
-    cfg: Any, batch_size: int, device: torch.device, steps: int, warmup: int, env: Any, loader: str = "synthetic"
+    cfg: Any,
+    batch_size: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    env: Any,
+    loader: str = "synthetic",
+    cpu_time: bool = False,
 ) -> tuple[float, float | None, float, float | None]:
     """``(images/s, peak GiB, analytic FLOPs/step, loader-only images/s or None)`` of the trainer's step."""
     from dinov2.train.schedules import ScheduleValues
@@ -239,7 +246,7 @@ def bench_ssl(
         train_step(model, optimizer, batch, values, cfg, last_layer, device)
 
     reset_peak_memory(device)
-    times = time_steps(step, steps, warmup, device)
+    times = time_steps(step, steps, warmup, device, cpu_time)
     flops = statistics.mean(ssl_step_flops(cfg, batch_size, n) for n in seen)
     return batch_size / statistics.median(times), peak_memory_gib(device), flops, loader_ips
 
@@ -253,7 +260,9 @@ def check_optimizer_holds(model: Any, optimizer: torch.optim.Optimizer) -> None:
         raise RuntimeError(f"the optimizer holds {len(held & trained)} of the {len(trained)} trained parameters")
 
 
-def bench_naive(cfg: Any, batch_size: int, device: torch.device, steps: int, warmup: int, compiled: bool) -> float:
+def bench_naive(
+    cfg: Any, batch_size: int, device: torch.device, steps: int, warmup: int, compiled: bool, cpu_time: bool = False
+) -> float:
     """Images/s of the naive baseline step (see the module docstring)."""
     from types import SimpleNamespace
 
@@ -288,17 +297,17 @@ def bench_naive(cfg: Any, batch_size: int, device: torch.device, steps: int, war
             torch._foreach_mul_(teacher_params, 0.994)
             torch._foreach_add_(teacher_params, student_params, alpha=0.006)
 
-    times = time_steps(step, steps, warmup, device)
+    times = time_steps(step, steps, warmup, device, cpu_time)
     return batch_size / statistics.median(times)
 
 
 def run_baseline(
-    cfg: Any, batch_size: int, device: torch.device, steps: int, warmup: int, compiled: bool
+    cfg: Any, batch_size: int, device: torch.device, steps: int, warmup: int, compiled: bool, cpu_time: bool = False
 ) -> tuple[float | None, int]:
     """The baseline at ``batch_size``, halving the batch on out-of-memory (its row says at which)."""
     while batch_size >= 1:
         try:
-            return bench_naive(cfg, batch_size, device, steps, warmup, compiled), batch_size
+            return bench_naive(cfg, batch_size, device, steps, warmup, compiled, cpu_time), batch_size
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_oom(e):
                 raise
@@ -329,6 +338,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--fsdp", action="store_true", help="shard with FSDP2 at world size 1 (bf16 parameters; default: autocast only)"
     )
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU only: time steps in this process's CPU seconds (robust on a shared machine; use one thread)",
+    )
     p.add_argument("--tiny", action="store_true", help="CI mode: tiny model, 2 steps, compile off (runs on CPU)")
     p.add_argument("--markdown", default=None, help="write/update the table in this markdown file")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -363,13 +377,15 @@ def _measure(args: argparse.Namespace, env: Any) -> tuple[dict[str, str], list[R
     if args.tiny:
         keys, compiles, steps, warmup = ["s"], [False], 2, 1
 
-    peak, peak_dtype = matmul_peak(device)
+    cpu_time = args.cpu_time and device.type == "cpu"
+    peak, peak_dtype = matmul_peak(device, cpu_time=cpu_time)
     datasheet = datasheet_bf16_peak(device)
     header = run_header(device)
     extra = {
         f"{peak_dtype} matmul peak": _flops(peak),
         "datasheet bf16 peak": _flops(datasheet) if datasheet else "-",
         "sharding": "FSDP2, world size 1" if args.fsdp else "none",
+        **({"timing": "process CPU time"} if cpu_time else {}),
     }
     print(header_lines(header, extra), flush=True)
 
@@ -396,7 +412,7 @@ def _measure(args: argparse.Namespace, env: Any) -> tuple[dict[str, str], list[R
             row = Row(name, batch, compiled, cfg.distributed.activation_checkpointing, args.loader, target=target)
             row.flops_check = flops_check
             try:
-                ips, gib, flops, loader_ips = bench_ssl(cfg, batch, device, steps, warmup, env, args.loader)
+                ips, gib, flops, loader_ips = bench_ssl(cfg, batch, device, steps, warmup, env, args.loader, cpu_time)
                 row.images_per_s, row.peak_gib, row.flops_per_step = ips, gib, flops
                 row.loader_images_per_s = loader_ips
                 row.mfu = 100.0 * flops * ips / batch / peak
@@ -407,7 +423,7 @@ def _measure(args: argparse.Namespace, env: Any) -> tuple[dict[str, str], list[R
             free_memory(device)
             for variant in sorted({False, compiled}):  # the eager baseline always, the compiled one for compiled rows
                 if variant not in baselines and not args.no_baseline:
-                    baselines[variant] = run_baseline(cfg, batch, device, steps, warmup, variant)
+                    baselines[variant] = run_baseline(cfg, batch, device, steps, warmup, variant, cpu_time)
                     free_memory(device)
             eager, compiled_base = baselines.get(False), baselines.get(True) if compiled else None
             if eager is not None and eager[0] is not None:

@@ -66,6 +66,7 @@ def test_every_block_runs_compiled_without_breaks_or_recompiles(gpu_check, secti
     # teacher (2 blocks) + student (2 blocks): each block forward is one compiled region, on every step
     assert run["blocks_per_step"] == 4
     assert run["compiled_regions_per_step"] == [4, 4, 4]
+    assert run["eager_block_calls_per_step"] == [0, 0, 0]  # nor does any block body run as Python
     # new masks and new stochastic-depth subsets every step, and nothing recompiles after the first
     assert run["recompiles_after_warmup"] == 0
     assert len(set(run["losses"])) == len(run["losses"])
@@ -91,6 +92,7 @@ def test_two_process_fsdp_steps_compile_every_block(tmp_path):
             assert run.get("problems") == [], (rank_file, ac, run.get("problems"), proc.stderr[-3000:])
             assert run["graph_breaks"] == 0 and run["recompiles_after_warmup"] == 0
             assert run["compiled_regions_per_step"] == [run["blocks_per_step"]] * 3
+            assert run["eager_block_calls_per_step"] == [0, 0, 0]
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -124,7 +126,7 @@ def test_non_uniform_drop_path_and_three_students_stay_compiled(tmp_path):
     other widths, distilled from one teacher: more kinds of compiled block than dynamo's default
     recompile limit (8 graphs per code object, shared by all blocks) — every block still runs compiled."""
     sys.path.insert(0, str(REPO))
-    from benchmarks.gpu_check import check_step
+    from benchmarks.gpu_check import check_step, eager_block_calls
     from dinov2.distributed.env import DistEnv
     from dinov2.eval.backbone_io import save_backbone
     from dinov2.models import build_backbone
@@ -148,11 +150,11 @@ def test_non_uniform_drop_path_and_three_students_stay_compiled(tmp_path):
             f"{{name: l, model: {{embed_dim: 24, num_heads: 2, {extra}}}}}]",
         ]
     )
-    from benchmarks.throughput import synthetic_batch  # noqa: F401 — check_step draws its batches with it
-
-    run = check_step(cfg, DistEnv(), torch.device("cpu"), steps=2, reference_loss=None)
+    with eager_block_calls() as calls:
+        run = check_step(cfg, DistEnv(), torch.device("cpu"), 2, None, calls)
     assert run["blocks_per_step"] == 2 + 12 + 1 + 1
     assert run["graph_breaks"] == 0
+    assert run["eager_block_calls_per_step"] == [0, 0], run
     assert run["compiled_regions_per_step"] == [16, 16], run
     assert run["recompiles_after_warmup"] == 0
     assert torch._dynamo.config.recompile_limit >= 15  # one budget per kind of block, not one for all
