@@ -200,7 +200,8 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
     check_optimizer_holds(model, optimizer)
     model.train()
     blocks = len(model.teacher.backbone.blocks) + sum(len(n.backbone.blocks) for n in model.trained_networks().values())
-    teacher_before = [_local(p).detach().clone() for p in model.teacher.parameters()]
+    ema = model.exported_backbone()  # what the EMA moves: the teacher (the students' EMA when distilling)
+    teacher_before = [_local(p).detach().clone() for p in ema.parameters()]
 
     def step(i: int):
         return train_step(model, optimizer, batches[i], values, cfg, last_layer, device)
@@ -230,7 +231,7 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
     moved = max(  # over this rank's shards (some are empty at world size > 1)
         (
             (_local(p).detach() - b).abs().max().item()
-            for p, b in zip(model.teacher.parameters(), teacher_before)
+            for p, b in zip(ema.parameters(), teacher_before)
             if b.numel()
         ),
         default=0.0,
@@ -266,7 +267,7 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
     if not all(map(_finite, losses + grad_norms)) or not any(g > 0 for g in grad_norms):
         problems.append("non-finite loss or grad norm, or a zero grad norm")
     if not moved > 0:
-        problems.append("the EMA did not move the teacher")
+        problems.append("the EMA did not move the network it averages")
     if reference_loss is not None:
         tolerance = 1e-4 if device.type == "cpu" else 2e-2  # fp32 vs bf16 autocast (different kernels)
         result["compiled_vs_eager_rel"] = abs(losses[0] - reference_loss) / max(abs(reference_loss), 1e-12)

@@ -156,7 +156,7 @@ def test_non_uniform_drop_path_and_three_students_stay_compiled(tmp_path):
     assert run["graph_breaks"] == 0
     assert run["eager_block_calls_per_step"] == [0, 0], run
     assert run["compiled_regions_per_step"] == [16, 16], run
-    assert run["recompiles_after_warmup"] == 0
+    assert run["recompiles_after_warmup"] == 0 and run["problems"] == []
     assert torch._dynamo.config.recompile_limit >= 15  # one budget per kind of block, not one for all
 
 

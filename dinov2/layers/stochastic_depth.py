@@ -52,7 +52,7 @@ def residual_with_subset(x: Tensor, seqs: Seqs, branch: Branch, p: float) -> Ten
         token = torch.arange(n, device=x.device)
         rows.append((offset + chosen[:, None] * n + token).reshape(-1))
     index = rows[0] if len(rows) == 1 else torch.cat(rows)
-    update = branch(x[index], sub_seqs)
+    update = branch(x.index_select(0, index), sub_seqs)  # (backward: a vectorised index_add, not index_put)
     dtype = torch.promote_types(x.dtype, update.dtype)
     out, start = x.to(dtype, copy=True), 0
     for (b, _), (keep, n), group_rows in zip(seqs, sub_seqs, rows, strict=True):
