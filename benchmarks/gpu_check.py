@@ -51,7 +51,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
 
 SECTIONS = ("pytest", "compiled_step", "fsdp_step", "attention", "throughput", "cifar10_knn")
 # seconds each section may take on the GPU (the total is capped by --budget-s as well)
-BUDGETS = {"pytest": 110, "compiled_step": 150, "fsdp_step": 90, "attention": 45, "throughput": 120, "cifar10_knn": 95}
+BUDGETS = {"pytest": 110, "compiled_step": 150, "fsdp_step": 90, "attention": 90, "throughput": 120, "cifar10_knn": 95}
 TOTAL_BUDGET_S = 475  # under 8 minutes, with room for start-up inside a 10-minute device call
 SITE = Path("/tmp/dinov2-site")
 AC_MODES = ("none", "full", "selective")  # priority order
@@ -175,8 +175,7 @@ def step_config(dry: bool, ac: str, compiled: bool, fsdp: bool, batch: int):
         f"distributed.activation_checkpointing={ac}",
         f"distributed.compile={str(compiled).lower()}",
         f"distributed.fsdp={str(fsdp).lower()}",
-        "model.drop_path_rate=0.2",  # efficient stochastic depth: a new random subset every step
-    ]
+    ]  # the preset's efficient stochastic depth (0.1; the tiny model's 0.2): a new random subset every step
     if dry:
         overrides += TINY + ["distributed.param_dtype=fp32"]
     return load_config("train/vits14", overrides)
@@ -229,11 +228,7 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
         grad_norms.append(float(parts["grad_norm"]))
     end = dynamo_counts()
     moved = max(  # over this rank's shards (some are empty at world size > 1)
-        (
-            (_local(p).detach() - b).abs().max().item()
-            for p, b in zip(ema.parameters(), teacher_before)
-            if b.numel()
-        ),
+        ((_local(p).detach() - b).abs().max().item() for p, b in zip(ema.parameters(), teacher_before) if b.numel()),
         default=0.0,
     )
     result = {
@@ -417,7 +412,12 @@ def section_pytest(dry: bool, out_dir: Path, env: dict[str, str], timeout: float
         return {"skipped": "--dry-run: the GPU tests skip without CUDA"}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs"]
     cmd += ["--continue-on-collection-errors", f"--junitxml={out_dir / 'pytest_gpu.xml'}", "tests"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(timeout - 10, 5))
+    except subprocess.TimeoutExpired as e:
+        text = [t.decode(errors="replace") if isinstance(t, bytes) else (t or "") for t in (e.stdout, e.stderr)]
+        (out_dir / "pytest.log").write_text("".join(text))
+        return {"problems": [f"pytest -m gpu did not finish in {timeout - 10:.0f} s (see pytest.log)"]}
     (out_dir / "pytest.log").write_text(proc.stdout + proc.stderr)
     tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
     failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]

@@ -17,8 +17,8 @@ backend decides how to honour it:
 
 **Resolution happens once per device type, outside any compiled region.** :class:`AttentionDispatcher`
 probes the requested backend with tiny calls — forward and backward, with gradients enabled even when
-the caller runs under ``no_grad``/``inference_mode`` — in every dtype the device may run attention in,
-and records where it works. A dtype or mode it cannot run (varlen in fp32, flex backward on CPU) uses
+the caller runs under ``no_grad``/``inference_mode`` — in fp32 and bf16 (fp16 follows bf16), and records
+where it works. A dtype or mode it cannot run (varlen in fp32, flex backward on CPU) uses
 sdpa instead, chosen per call from ``qkv.dtype`` and whether gradients are needed (both static for
 ``torch.compile``). The backbone resolves before its first block (``DinoVisionTransformer.forward``),
 so a compiled or checkpointed block only ever reads the memo: dynamo sees no side effect.
@@ -232,12 +232,8 @@ SDPA = AttentionBackend()
 PROBE_SEQS = ((2, 5), (3, 3))
 
 
-def _probe_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
-    """The dtypes attention may run in on ``device``: fp32, bf16 (autocast, FSDP bf16 parameters),
-    and fp16 on CUDA (fp16 autocast of evaluation and embedding)."""
-    if device.type == "cuda":
-        return (torch.bfloat16, torch.float16, torch.float32)
-    return (torch.float32, torch.bfloat16)
+PROBED_DTYPES = (torch.float32, torch.bfloat16)  # fp32; bf16: autocast, FSDP bf16 parameters
+SAME_AS = {torch.float16: torch.bfloat16}  # fp16 (evaluation/embedding autocast) runs where bf16 does
 
 
 def _probe(fn: AttentionBackend, device: torch.device, dtype: torch.dtype, backward: bool) -> str | None:
@@ -305,7 +301,7 @@ class AttentionDispatcher:
 
     def _choose(self, device: torch.device) -> Resolved:
         name = self.name
-        everywhere = frozenset(_probe_dtypes(device))
+        everywhere = frozenset(PROBED_DTYPES) | frozenset(SAME_AS)
         if name in ("auto", "sdpa"):
             return Resolved(SDPA, everywhere, everywhere)
         if name == "math":
@@ -328,7 +324,7 @@ class AttentionDispatcher:
                 return self._fallback(name, device, f"import failed ({type(e).__name__})")
             candidate = XformersAttention()
         with_grad, without_grad, errors = set(), set(), {}
-        for dtype in everywhere:
+        for dtype in PROBED_DTYPES:  # each probe of a compiled backend is a compilation: as few as possible
             error = _probe(candidate, device, dtype, backward=True)
             if error is None:
                 with_grad.add(dtype)
@@ -337,6 +333,9 @@ class AttentionDispatcher:
             errors[dtype] = error
             if _probe(candidate, device, dtype, backward=False) is None:
                 without_grad.add(dtype)
+        for dtype, like in SAME_AS.items():
+            with_grad |= {dtype} if like in with_grad else set()
+            without_grad |= {dtype} if like in without_grad else set()
         if not without_grad:
             return self._fallback(name, device, f"probe call failed: {next(iter(errors.values()))}")
         if errors:
