@@ -470,12 +470,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     header = _header(args.dry_run)
     for name in sections:
         left = args.budget_s - (time.perf_counter() - start)
-        limit = min(BUDGETS.get(name, 60), left)
+        limit = min(BUDGETS.get(name, 60), left) if not args.dry_run else 3600.0
         if limit < 15 and not args.dry_run:  # the time limits are the GPU's; the CPU dry run takes what it takes
             results[name] = {"status": "skipped", "skipped": f"out of time ({left:.0f} s left of {args.budget_s} s)"}
             continue
         print(f"[gpu_check] {name} (limit {limit:.0f} s)", flush=True)
-        if args.dry_run:  # in-process: the CI version stays cheap (no extra interpreter per section)
+        if args.dry_run and not args.isolate:  # in-process: the CI version stays cheap (no interpreter per section)
             tick = time.perf_counter()
             try:
                 result = run_section(name, True, out_dir, args.data, env, limit)
@@ -497,6 +497,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 def _subprocess_section(name: str, out_dir: Path, args: argparse.Namespace, env: dict[str, str], limit: float):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--out", str(out_dir)]
     cmd += ["--budget-s", str(int(limit))] + (["--data", args.data] if args.data else [])
+    cmd += ["--dry-run"] if args.dry_run else []
     log = out_dir / f"{name}.log"
     tick = time.perf_counter()
     try:
@@ -587,6 +588,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=None, help="results folder (default: $OUT/gpu_check, else outputs/gpu_check)")
     p.add_argument("--dry-run", action="store_true", help="CPU: tiny model, in-process, the paths the CPU has")
+    p.add_argument("--isolate", action="store_true", help="with --dry-run: one process per section, as on the GPU")
     p.add_argument("--sections", default=None, help=f"comma list, in this order (default: {','.join(SECTIONS)})")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # one section, in this process
     p.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total seconds (default %(default)s)")
