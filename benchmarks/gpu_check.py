@@ -18,7 +18,7 @@ Sections, in priority order; each runs in its own process under a time limit (in
    grad norm and that the EMA moves the teacher; under ``torchrun`` it runs at any world size;
 4. ``attention``: backend resolution under ``no_grad`` (sdpa, flex, varlen), then forward + backward
    time and peak memory of each at T ≈ 29k tokens (ViT-L heads, 2×32×257 + 8×32×50), the per-forward
-   metadata (block mask, cu_seqlens) timed apart;
+   metadata (block mask, cu_seqlens) timed apart and built under the sync debug mode;
 5. ``throughput``: ``benchmarks/throughput.py --models s,l``, short;
 6. ``cifar10_knn``: ``benchmarks/cifar10_knn.py`` for one minute of training.
 
@@ -328,7 +328,7 @@ def section_attention(dry: bool) -> dict[str, Any]:
     """Section 4: resolution under no_grad, then forward + backward time and peak memory per backend."""
     import torch
 
-    from benchmarks.common import peak_memory_gib, reset_peak_memory, resolve_device, time_steps
+    from benchmarks.common import peak_memory_gib, reset_peak_memory, resolve_device, synchronize, time_steps
     from dinov2.layers.attention import AttentionDispatcher
 
     device = resolve_device("cpu" if dry else "cuda")
@@ -359,11 +359,12 @@ def section_attention(dry: bool) -> dict[str, Any]:
                 continue
             try:
                 tick = time.perf_counter()
-                meta = backend.prepare(seqs, device)
-                from benchmarks.common import synchronize
-
+                meta, syncs = host_syncs(lambda backend=backend: backend.prepare(seqs, device), device)
                 synchronize(device)
                 row["prepare_s"] = time.perf_counter() - tick
+                row["prepare_host_syncs"] = syncs
+                if syncs:
+                    problems.append(f"{name}: {len(syncs)} host syncs building its per-forward metadata")
                 x = qkv.detach().requires_grad_(needs_grad)
                 grad = torch.randn(total, heads * head_dim, device=device, dtype=dtype)
 
