@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: devices, timing, FLOP counting, the training step, tables.
+"""Shared pieces of the benchmarks: devices, timing, FLOP counting, tables (the training step is the
+trainer's own: ``dinov2.train.trainer.build_training`` and ``Training.step``).
 
 Nothing here runs at import time; every benchmark imports torch and the project lazily enough that
 ``--help`` stays fast.
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 ATEN = torch.ops.aten
 
@@ -240,20 +240,6 @@ def ssl_step_flops(cfg: Any, batch_size: int, n_masked: int) -> int:
     teacher = backbone_forward_flops(cfg.model, [global_group], training=False) + heads(2 * batch_size)
     koleo = 2 * 2 * batch_size**2 * d if cfg.loss.koleo_weight else 0
     return 3 * student - patch_embed(student_groups) + teacher + koleo
-
-
-# ------------------------------------------------------------------------------------ the train step
-def make_optimizer(model: Any, cfg: Any, device: torch.device):
-    from dinov2.train.trainer import make_optimizer as trainer_make_optimizer
-
-    return trainer_make_optimizer(model, cfg, device)
-
-
-def train_step(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
-    """The trainer's own iteration (``dinov2.train.trainer.train_step``)."""
-    from dinov2.train.trainer import train_step as trainer_train_step
-
-    return trainer_train_step(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ tables

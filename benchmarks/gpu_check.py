@@ -189,21 +189,22 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
     from benchmarks.throughput import check_optimizer_holds, synthetic_batch
     from dinov2.train.meta_arch import _local
     from dinov2.train.schedules import ScheduleValues
-    from dinov2.train.trainer import build_training, train_step
+    from dinov2.train.trainer import build_training
 
     batch_size = cfg.data.batch_size_per_gpu
     batches = [synthetic_batch(cfg, batch_size, device, seed + 100 * env.rank) for seed in range(steps + 1)]
     values = ScheduleValues(lr=1e-4, weight_decay=0.04, momentum=0.99, teacher_temp=0.07, freeze_last_layer=False)
     before = dynamo_counts()
-    model, optimizer, last_layer = build_training(cfg, env, device)
-    check_optimizer_holds(model, optimizer)
+    training = build_training(cfg, env, device)
+    model = training.model
+    check_optimizer_holds(model, training.optimizer)
     model.train()
     blocks = len(model.teacher.backbone.blocks) + sum(len(n.backbone.blocks) for n in model.trained_networks().values())
     ema = model.exported_backbone()  # what the EMA moves: the teacher (the students' EMA when distilling)
     teacher_before = [_local(p).detach().clone() for p in ema.parameters()]
 
     def step(i: int):
-        return train_step(model, optimizer, batches[i], values, cfg, last_layer, device)
+        return training.step(batches[i], values)
 
     tick = time.perf_counter()
     first = step(0)  # the warm-up: compilation happens here
@@ -284,14 +285,14 @@ def eager_first_loss(cfg, env, device) -> float:
 
     from benchmarks.throughput import synthetic_batch
     from dinov2.train.schedules import ScheduleValues
-    from dinov2.train.trainer import build_training, train_step
+    from dinov2.train.trainer import build_training
 
     eager = replace(cfg, distributed=replace(cfg.distributed, compile=False))
-    model, optimizer, last_layer = build_training(eager, env, device)
-    model.train()
+    training = build_training(eager, env, device)
+    training.model.train()
     batch = synthetic_batch(cfg, cfg.data.batch_size_per_gpu, device, 100 * env.rank)
     values = ScheduleValues(lr=1e-4, weight_decay=0.04, momentum=0.99, teacher_temp=0.07, freeze_last_layer=False)
-    return float(train_step(model, optimizer, batch, values, eager, last_layer, device)["loss"])
+    return float(training.step(batch, values)["loss"])
 
 
 def section_step(dry: bool, fsdp: bool) -> dict[str, Any]:

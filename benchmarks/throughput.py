@@ -198,22 +198,22 @@ def flop_check(cfg: Any, batch_size: int, device: torch.device, env: Any) -> flo
     not fit."""
     from dinov2.distributed.env import DistEnv
     from dinov2.train.schedules import ScheduleValues
-    from dinov2.train.trainer import build_training, train_step
+    from dinov2.train.trainer import build_training
 
     eager = dict(compile=False, fsdp=False, activation_checkpointing="none")
     plain = replace(cfg, distributed=replace(cfg.distributed, **eager))
     check = None
     try:
-        model, optimizer, last_layer = build_training(plain, DistEnv(), device)
-        model.train()
+        training = build_training(plain, DistEnv(), device)
+        training.model.train()
         batch = synthetic_batch(cfg, batch_size, device, 0)
         values = ScheduleValues(lr=1e-4, weight_decay=0.04, momentum=0.994, teacher_temp=0.07, freeze_last_layer=False)
-        counted = count_flops(lambda: train_step(model, optimizer, batch, values, plain, last_layer, device))
+        counted = count_flops(lambda: training.step(batch, values))
         check = counted / ssl_step_flops(cfg, batch_size, batch["n_masked_patches"])
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not is_oom(e):
             raise
-    model = optimizer = batch = None
+    training = batch = None
     free_memory(device)
     return check
 
@@ -230,11 +230,11 @@ def bench_ssl(
 ) -> tuple[float, float | None, float, float | None]:
     """``(images/s, peak GiB, analytic FLOPs/step, loader-only images/s or None)`` of the trainer's step."""
     from dinov2.train.schedules import ScheduleValues
-    from dinov2.train.trainer import build_training, train_step
+    from dinov2.train.trainer import build_training
 
-    model, optimizer, last_layer = build_training(cfg, env, device)
-    check_optimizer_holds(model, optimizer)
-    model.train()
+    training = build_training(cfg, env, device)
+    check_optimizer_holds(training.model, training.optimizer)
+    training.model.train()
     source = batch_source(cfg, loader, batch_size, device, env)
     loader_ips = loader_rate(source, batch_size, max(steps, 2), device) if loader != "synthetic" else None
     values = ScheduleValues(lr=1e-4, weight_decay=0.04, momentum=0.994, teacher_temp=0.07, freeze_last_layer=False)
@@ -243,7 +243,7 @@ def bench_ssl(
     def step() -> None:
         batch = next(source)
         seen.append(batch["n_masked_patches"])
-        train_step(model, optimizer, batch, values, cfg, last_layer, device)
+        training.step(batch, values)
 
     reset_peak_memory(device)
     times = time_steps(step, steps, warmup, device, cpu_time)

@@ -63,7 +63,8 @@ def test_throughput_fsdp_trains_what_the_trainer_builds_and_loader_feeds_it(benc
     from dinov2.train.trainer import build_training
 
     cfg = load_config("train/vits14", throughput.TINY)
-    model, optimizer, *_ = build_training(cfg, DistEnv(), torch.device("cpu"))
+    training = build_training(cfg, DistEnv(), torch.device("cpu"))
+    model, optimizer = training.model, training.optimizer
     throughput.check_optimizer_holds(model, optimizer)
     model.student.dino_head.mlp[0].weight = torch.nn.Parameter(model.student.dino_head.mlp[0].weight.detach().clone())
     with pytest.raises(RuntimeError, match="optimizer holds"):

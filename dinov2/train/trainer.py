@@ -105,7 +105,21 @@ def make_optimizer(model: SSLMetaArch, cfg: Config, device: torch.device):
     return optimizer, last_layer_params
 
 
-def build_training(cfg: Config, env: DistEnv, device: torch.device):
+@dataclass
+class Training:
+    """What :func:`build_training` builds, and :meth:`step`: the trainer's iteration on it."""
+
+    model: SSLMetaArch
+    optimizer: torch.optim.Optimizer
+    last_layer_params: list[torch.Tensor]
+    cfg: Config
+    device: torch.device
+
+    def step(self, batch: dict[str, Any], values: ScheduleValues) -> dict[str, torch.Tensor]:
+        return train_step(self.model, self.optimizer, batch, values, self.cfg, self.last_layer_params, self.device)
+
+
+def build_training(cfg: Config, env: DistEnv, device: torch.device) -> Training:
     """Model → activation checkpointing, backend resolution, compilation, sharding (``parallelize``) →
     optimizer over the sharded parameters, seeded as the trainer seeds them. The benchmarks call this too,
     so what they time is what trains."""
@@ -114,7 +128,7 @@ def build_training(cfg: Config, env: DistEnv, device: torch.device):
     parallelize(model, cfg.distributed, env, device)
     torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank stream for stochastic depth
     optimizer, last_layer_params = make_optimizer(model, cfg, device)
-    return model, optimizer, last_layer_params
+    return Training(model, optimizer, last_layer_params, cfg, device)
 
 
 def train_step(
@@ -179,7 +193,8 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    model, optimizer, last_layer_params = build_training(cfg, env, device)
+    training = build_training(cfg, env, device)
+    model, optimizer, last_layer_params = training.model, training.optimizer, training.last_layer_params
     global_batch = cfg.data.batch_size_per_gpu * env.world_size
     total = total_iterations(cfg)
     schedules = Schedules.from_config(cfg, global_batch, total)
