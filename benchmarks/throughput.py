@@ -441,8 +441,14 @@ def _measure(args: argparse.Namespace, env: Any) -> tuple[dict[str, str], list[R
                 print(f"  {name}: {row.flops_per_step / 1e12:.4g} TFLOP/step ({checked})", flush=True)
             rows.append(row)
             print(format_table(COLUMNS, [rows[-1].cells()]).splitlines()[-1], flush=True)
+            if args.json:  # after every row: a run cut short (a time limit) keeps what it measured
+                save_json(args.json, {**header, **extra, "tiny": str(args.tiny)}, rows)
 
     return {**header, **extra, "tiny": str(args.tiny)}, rows
+
+
+def save_json(path: str, header: dict[str, str], rows: list[Row]) -> None:
+    Path(path).write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
 
 
 def _flops(rate: float) -> str:
@@ -461,7 +467,7 @@ def report(header: dict[str, str], rows: list[Row], args: argparse.Namespace) ->
         section = "throughput-tiny" if tiny else "throughput"
         print(f"table written to {update_markdown(args.markdown, section, body)}")
     if args.json and not args.from_json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
+        save_json(args.json, header, rows)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
