@@ -4,7 +4,8 @@ What the CPU can prove about the step we train, so that a GPU's minutes go to wh
 
 * the trainer's step compiled with activation checkpointing none / selective / full, plain and under
   FSDP2 (world size 1 in-process, 2 processes under torchrun): dynamo reports no graph break, every
-  block's forward runs as a compiled region (``Torch-Compiled Region`` profiler ranges = blocks run),
+  block's forward runs as a compiled region (``Torch-Compiled Region`` profiler ranges = blocks run, and
+  no block body runs as Python at run time — main's checkpointed blocks did, inside compiled frames),
   nothing recompiles after the warm-up step although masks and stochastic-depth subsets change, and the
   compiled first-step loss is the eager one — read from ``benchmarks/gpu_check.py --dry-run`` (module
   fixture, one compiled run shared by every assertion), which is also the CI version of ``make gpu-check``;
