@@ -47,6 +47,7 @@ def gpu_check(tmp_path_factory):
     return {"code": code, "out": out, "record": json.loads((out / "results.json").read_text())}
 
 
+@pytest.mark.slow  # (with the tests below, one compiled dry run: ~1 min on 2 cores with inductor's cache warm)
 def test_gpu_check_dry_run_passes_and_writes_one_folder(gpu_check):
     sections = gpu_check["record"]["sections"]
     assert gpu_check["code"] == 0, {name: s.get("problems") for name, s in sections.items()}
@@ -59,6 +60,7 @@ def test_gpu_check_dry_run_passes_and_writes_one_folder(gpu_check):
     assert (gpu_check["out"] / "throughput.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("section", ["compiled_step", "fsdp_step"])
 @pytest.mark.parametrize("ac", AC_MODES)
 def test_every_block_runs_compiled_without_breaks_or_recompiles(gpu_check, section, ac):
