@@ -7,7 +7,7 @@ EXTRAS ?= curation,slurm,dev
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test slurm-deps demo bench lint clean-venv
+.PHONY: install test slurm-deps demo bench lint clean-venv gpu-check gpu-carry
 
 # torch first, from the pinned wheels (ENVIRONMENT.md); a stamp keeps re-runs from reinstalling.
 $(VENV)/.torch-stamp:
@@ -37,6 +37,20 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/throughput.py
+
+# On a lent GPU machine (no package index, no .venv): python3 there holds torch; the script installs the
+# carried wheels itself when omegaconf is missing. Results: $(OUT)/gpu_check when OUT is set, else outputs/.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
+
+# Before such a call, on this machine: the pure-Python wheels and the CIFAR-10 blobs, into the ignored .carry/
+SHARED ?= ../shared
+gpu-carry:
+	mkdir -p .carry/wheels
+	cp $(SHARED)/wheels/py312/*.whl .carry/wheels/
+	rm -rf .carry/cifar10 && cp -r $(SHARED)/data/cifar10 .carry/cifar10
+	du -sh .carry
 
 lint: install
 	$(VENV)/bin/ruff check .

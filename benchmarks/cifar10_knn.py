@@ -3,9 +3,11 @@
 The 50k train images are decoded once into device memory (``uint8``); every batch is cut, coloured and
 masked on the device by :class:`~dinov2.data.gpu_augmentations.GPUTrainLoader` (``data.pipeline=gpu``)
 with the crop parameters of ``configs/train/cifar10.yaml``. The model, losses, optimizer, schedules and
-step are the trainer's (``SSLMetaArch``, ``param_groups``/``build_optimizer``, ``Schedules``,
-``parallelize``; the step is ``benchmarks.common.train_step``). The config's schedules (warm-ups,
-cosine lr/wd/momentum) are stretched over the number of steps that fit the budget, re-estimated from
+step are the trainer's (``dinov2.train.trainer.build_training``: ``SSLMetaArch``, ``parallelize``,
+``param_groups``/``build_optimizer``; ``Schedules``; the step is ``Training.step``). Compiled blocks
+have static shapes, so the teacher's evaluation batch and its training batch are two graphs, never a
+recompilation with a dynamic batch dimension. The config's schedules (warm-ups, cosine lr/wd/momentum)
+are stretched over the number of steps that fit the budget, re-estimated from
 the measured step time as training goes. k-NN (weighted, T = ``eval.knn_temperature``) of the EMA
 teacher's CLS features runs at ``--evals`` evenly spaced points; evaluation time is not charged to the
 budget (nor is the k-NN of the randomly initialised network, printed as the baseline). Prints a table
@@ -37,11 +39,9 @@ import torch  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     format_table,
     header_lines,
-    make_optimizer,
     resolve_device,
     run_header,
     synchronize,
-    train_step,
     update_markdown,
 )
 
@@ -149,16 +149,13 @@ def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, 
     ``args.save_run``, write the EMA teacher's backbone and the config there as a run dir."""
     from dinov2.data.gpu_augmentations import GPUTrainLoader
     from dinov2.distributed.env import DistEnv
-    from dinov2.distributed.parallelize import parallelize
-    from dinov2.train.trainer import build_meta_arch
+    from dinov2.train.trainer import build_training
 
     batch = cfg.data.batch_size_per_gpu
     num_train = data["train_x"].shape[0]
-    torch.manual_seed(cfg.train.seed)
-    model = build_meta_arch(cfg, device)
-    parallelize(model, cfg.distributed, DistEnv(), device)
+    training = build_training(cfg, DistEnv(), device)  # the trainer's build, compiled blocks with static shapes
+    model = training.model
     model.train()
-    optimizer, last_layer = make_optimizer(model, cfg, device)
     loader = GPUTrainLoader(
         data["train_x"], data["train_y"], cfg.data.crops, cfg.data.masks, cfg.model.patch_size, batch,
         seed=cfg.train.seed, mask_workers=args.mask_workers,
@@ -182,7 +179,7 @@ def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, 
     window_steps = 0
     while True:
         values = schedule.at(it)
-        parts = train_step(model, optimizer, next(batches), values, cfg, last_layer, device)
+        parts = training.step(next(batches), values)
         pending.append(parts["loss"])
         it += 1
         window_steps += 1

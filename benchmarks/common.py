@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: devices, timing, FLOP counting, the training step, tables.
+"""Shared pieces of the benchmarks: devices, timing, FLOP counting, tables (the training step is the
+trainer's own: ``dinov2.train.trainer.build_training`` and ``Training.step``).
 
 Nothing here runs at import time; every benchmark imports torch and the project lazily enough that
 ``--help`` stays fast.
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 ATEN = torch.ops.aten
 
@@ -86,8 +86,12 @@ def is_oom(error: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- timing
-def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds per call of ``step`` after ``warmup`` untimed calls (CUDA events on GPU)."""
+def time_steps(
+    step: Callable[[], Any], steps: int, warmup: int, device: torch.device, cpu_time: bool = False
+) -> list[float]:
+    """Seconds per call of ``step`` after ``warmup`` untimed calls (CUDA events on GPU). ``cpu_time`` (CPU
+    only): this process's CPU seconds instead of wall-clock seconds — with one thread, the step's work,
+    whatever else runs on a shared machine."""
     for _ in range(warmup):
         step()
     synchronize(device)
@@ -99,22 +103,45 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int, device: torch.d
             end.record()
         synchronize(device)
         return [start.elapsed_time(end) / 1e3 for start, end in events]
+    clock = time.process_time if cpu_time else time.perf_counter
     times = []
     for _ in range(steps):
-        tick = time.perf_counter()
+        tick = clock()
         step()
-        times.append(time.perf_counter() - tick)
+        times.append(clock() - tick)
     return times
 
 
-def matmul_peak(device: torch.device, size: int | None = None, iters: int = 10) -> tuple[float, str]:
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, by a substring of the device name.
+# The first match wins, so the more specific names come first.
+DATASHEET_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),  # SXM (HBM3)
+    ("H200", 989e12),  # SXM
+    ("A100", 312e12),
+)
+
+
+def datasheet_bf16_peak(device: torch.device) -> float | None:
+    """The datasheet dense bf16 peak (FLOP/s) of ``device``'s GPU, or None when it is not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_BF16 if key in name), None)
+
+
+def matmul_peak(
+    device: torch.device, size: int | None = None, iters: int = 10, cpu_time: bool = False
+) -> tuple[float, str]:
     """Measured matmul throughput (FLOP/s, median over ``iters``) and its dtype: bf16 ``8192³`` on
     CUDA, fp32 ``512³`` on CPU (the dtype each device's training step computes in)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = size or (8192 if device.type == "cuda" else 512)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    times = time_steps(lambda: torch.mm(a, b), steps=iters, warmup=3, device=device)
+    times = time_steps(lambda: torch.mm(a, b), steps=iters, warmup=3, device=device, cpu_time=cpu_time)
     return 2 * size**3 / statistics.median(times), str(dtype).removeprefix("torch.")
 
 
@@ -213,20 +240,6 @@ def ssl_step_flops(cfg: Any, batch_size: int, n_masked: int) -> int:
     teacher = backbone_forward_flops(cfg.model, [global_group], training=False) + heads(2 * batch_size)
     koleo = 2 * 2 * batch_size**2 * d if cfg.loss.koleo_weight else 0
     return 3 * student - patch_embed(student_groups) + teacher + koleo
-
-
-# ------------------------------------------------------------------------------------ the train step
-def make_optimizer(model: Any, cfg: Any, device: torch.device):
-    from dinov2.train.trainer import make_optimizer as trainer_make_optimizer
-
-    return trainer_make_optimizer(model, cfg, device)
-
-
-def train_step(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
-    """The trainer's own iteration (``dinov2.train.trainer.train_step``)."""
-    from dinov2.train.trainer import train_step as trainer_train_step
-
-    return trainer_train_step(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ tables

@@ -47,6 +47,30 @@ def test_throughput_tiny_cpu_prints_the_table(tmp_path, bench_common):
     assert (tmp_path / "rows.json").is_file()
 
 
+def test_throughput_fsdp_trains_what_the_trainer_builds_and_loader_feeds_it(bench_common):
+    """``--fsdp``: the trainer's build (optimizer over the *sharded* parameters — one built before
+    ``fully_shard`` holds none of them and trains nothing); ``--loader cpu``: the real data pipeline
+    feeds the step and is timed alone too."""
+    from benchmarks import throughput
+
+    rows = throughput.main(["--device", "cpu", "--tiny", "--fsdp", "--loader", "cpu", "--no-baseline", "--no-count"])
+    assert len(rows) == 1 and rows[0].loader == "cpu"
+    assert rows[0].images_per_s > 0 and rows[0].loader_images_per_s > 0
+
+    # the check behind it: an optimizer that does not hold the trained parameters is refused
+    from dinov2.config import load_config
+    from dinov2.distributed.env import DistEnv
+    from dinov2.train.trainer import build_training
+
+    cfg = load_config("train/vits14", throughput.TINY)
+    training = build_training(cfg, DistEnv(), torch.device("cpu"))
+    model, optimizer = training.model, training.optimizer
+    throughput.check_optimizer_holds(model, optimizer)
+    model.student.dino_head.mlp[0].weight = torch.nn.Parameter(model.student.dino_head.mlp[0].weight.detach().clone())
+    with pytest.raises(RuntimeError, match="optimizer holds"):
+        throughput.check_optimizer_holds(model, optimizer)
+
+
 def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench_common, shared_data):
     from benchmarks import cifar10_knn
 

@@ -55,14 +55,20 @@ def test_flex_forward_matches_math_on_cpu():
     _check_against_math(FlexAttention(compile=False), backward=False)
 
 
-def test_flex_falls_back_when_backward_unsupported(caplog):
-    # On CPU FlexAttention has no backward; the probe runs a backward, so the dispatcher must fall back
-    # to sdpa with one warning rather than fail later inside training.
+def test_flex_without_backward_on_cpu_keeps_sdpa_where_gradients_are_needed(caplog):
+    # On CPU FlexAttention has no backward: the probe finds that out (forward and backward per dtype) and
+    # the dispatcher uses flex only for forward passes without gradients, sdpa otherwise, with one warning
+    from dinov2.layers.attention import SDPA
+
+    dispatcher = AttentionDispatcher("flex", compile_flex=False)
     with caplog.at_level(logging.WARNING):
-        name, _ = AttentionDispatcher("flex", compile_flex=False).resolve(torch.device("cpu"))
-    if name == "flex":
+        name, flex = dispatcher.resolve(torch.device("cpu"))
+    resolved = dispatcher._resolved["cpu"]
+    if resolved.with_grad:
         pytest.skip("this torch supports FlexAttention backward on CPU")
-    assert name == "sdpa" and sum("falling back" in r.message for r in caplog.records) == 1
+    assert name == "flex" and resolved.pick(torch.float32, needs_grad=False) is flex
+    assert resolved.pick(torch.float32, needs_grad=True) is SDPA
+    assert len(caplog.records) == 1 and "where gradients are needed" in caplog.text
 
 
 def test_varlen_falls_back_on_cpu(caplog):

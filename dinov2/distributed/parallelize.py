@@ -4,8 +4,13 @@
 
 1. activation checkpointing on the student's blocks (``full``: every block; ``selective``: every
    second block — half the recomputation for about half the saving; the teacher never needs it);
-2. ``torch.compile`` of each block (student and teacher) when ``distributed.compile``;
-3. ``fully_shard`` of each block, then of the backbone and each head, then of the network (the root),
+2. the attention backend of every backbone resolved on its device (probed once, here, so that no
+   compiled or checkpointed block ever probes or mutates the backend memo — dynamo would run it
+   eagerly for good);
+3. ``torch.compile`` of each block (student and teacher) when ``distributed.compile``, with
+   ``fullgraph=True`` and static shapes, and a recompile budget per kind of block
+   (:func:`compile_blocks`);
+4. ``fully_shard`` of each block, then of the backbone and each head, then of the network (the root),
    for the student and the teacher alike, with a :class:`MixedPrecisionPolicy` from
    ``distributed.param_dtype`` / ``reduce_dtype`` (bf16 parameters, fp32 gradient reduction by
    default). Sharding applies when ``distributed.fsdp`` or more than one process.
@@ -19,6 +24,8 @@ of the global-batch mean. :func:`clip_grad_norm` clips by the norm over all shar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -28,6 +35,12 @@ from dinov2.distributed.env import DistEnv
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 AC_MODES = ("none", "full", "selective")
+RECOMPILES_PER_KIND = 8  # dynamo's default recompile_limit for one function, given to each kind of block
+
+
+def _device_of(network: nn.Module, default: torch.device | None) -> torch.device:
+    param = next(network.parameters(), None)
+    return param.device if param is not None else (default or torch.device("cpu"))
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -53,10 +66,34 @@ def apply_activation_checkpointing(backbone: nn.Module, mode: str) -> None:
         block.checkpoint_activations = mode == "full" or (mode == "selective" and i % 2 == 0)
 
 
-def compile_blocks(backbone: nn.Module) -> None:
-    """``torch.compile`` each block in place (one graph per block, reused by every block's shape)."""
-    for block in backbone.blocks:
-        block.compile()
+def block_kind(block: nn.Module) -> tuple:
+    """What a compiled block's graph is specialised on besides its input layout: its class, parameter
+    shapes, stochastic depth and checkpointing (blocks of one kind share one graph)."""
+    shapes = tuple(tuple(p.shape) for p in block.parameters())
+    attrs = tuple(getattr(block, a, None) for a in ("drop_path", "drop_path_mode", "checkpoint_activations"))
+    return (type(block).__qualname__, shapes, attrs, block.training)
+
+
+def compile_blocks(networks: Sequence[nn.Module]) -> int:
+    """``torch.compile`` every block of every backbone in place: ``fullgraph=True`` (a graph break is an
+    error, not a silent eager fallback) and static shapes (one graph per packed layout; a training run
+    has one layout per network, so nothing turns dynamic).
+
+    All compiled modules run through one code object (``nn.Module._call_impl``), and dynamo caps the
+    graphs one code object may hold (``recompile_limit``, default 8) — about 8 for *all* blocks of all
+    networks together, which non-uniform drop path at depth 12 or several distillation students exceed
+    (the rest then runs eagerly, silently). So each distinct kind of block (:func:`block_kind`) gets the
+    budget dynamo gives one function: the limits are raised to ``kinds × 8`` (never lowered). Returns the
+    number of kinds."""
+    kinds = {block_kind(block) for network in networks for block in network.backbone.blocks}
+    budget = len(kinds) * RECOMPILES_PER_KIND
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, budget)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, budget)
+    for network in networks:
+        for block in network.backbone.blocks:
+            block.compile(fullgraph=True, dynamic=False)
+    return len(kinds)
 
 
 def shard_network(network: nn.Module, policy: MixedPrecisionPolicy, reshard_after_forward: bool = True) -> None:
@@ -78,9 +115,10 @@ def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: 
     """
     for network in model.trained_networks().values():
         apply_activation_checkpointing(network.backbone, cfg.activation_checkpointing)
+    for network in model.networks().values():  # probe now, never inside a compiled (checkpointed) block
+        network.backbone.resolve_attention(_device_of(network, device))
     if cfg.compile:
-        for network in model.networks().values():
-            compile_blocks(network.backbone)
+        compile_blocks(list(model.networks().values()))
     if not should_shard(cfg, env):
         return
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dinov2.layers.attention import Attention, AttentionDispatcher, Seqs
+from dinov2.layers.attention import Attention, AttentionDispatcher, AttentionMeta, Layout, Seqs, layout
 from dinov2.layers.layer_scale import LayerScale
 from dinov2.layers.mlp import build_ffn
-from dinov2.layers.stochastic_depth import residual
+from dinov2.layers.stochastic_depth import residual, subset_seqs
 
 
 class Block(nn.Module):
@@ -44,19 +44,31 @@ class Block(nn.Module):
         self.drop_path_mode = drop_path_mode
         self.checkpoint_activations = False  # set by dinov2.distributed.parallelize
 
-    def attn_branch(self, x: Tensor, seqs: Seqs) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x), seqs))
+    def attention_layout(self, seqs: Seqs) -> Layout:
+        """The packed layout this block's attention sees for input layout ``seqs`` (a stochastic-depth
+        subset when training with efficient drop path), so the backbone can prepare it once."""
+        if self.training and self.drop_path > 0.0 and self.drop_path_mode == "efficient":
+            return layout(subset_seqs(seqs, self.drop_path))
+        return layout(seqs)
+
+    def attn_branch(self, x: Tensor, seqs: Seqs, meta: AttentionMeta | None = None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), seqs, meta))
 
     def ffn_branch(self, x: Tensor, seqs: Seqs) -> Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor, seqs: Seqs) -> Tensor:
+    def forward(self, x: Tensor, seqs: Seqs, meta: AttentionMeta | None = None) -> Tensor:
+        """``meta``: the attention backend's per-layout metadata, prepared once per forward by the
+        backbone (:func:`dinov2.layers.attention.prepare_attention`); None builds it here if needed."""
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             # recompute this block's activations in backward (the RNG state is replayed, so the same
             # stochastic-depth subset is drawn again)
-            return checkpoint(self._forward, x, seqs, use_reentrant=False)
-        return self._forward(x, seqs)
+            return checkpoint(self._forward, x, seqs, meta, use_reentrant=False)
+        return self._forward(x, seqs, meta)
 
-    def _forward(self, x: Tensor, seqs: Seqs) -> Tensor:
-        x = residual(x, seqs, self.attn_branch, self.drop_path, self.drop_path_mode, self.training)
+    def _forward(self, x: Tensor, seqs: Seqs, meta: AttentionMeta | None) -> Tensor:
+        def attn_branch(t: Tensor, s: Seqs) -> Tensor:
+            return self.attn_branch(t, s, meta)
+
+        x = residual(x, seqs, attn_branch, self.drop_path, self.drop_path_mode, self.training)
         return residual(x, seqs, self.ffn_branch, self.drop_path, self.drop_path_mode, self.training)

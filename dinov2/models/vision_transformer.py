@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov2.layers import AttentionDispatcher, Block, LayerScale, PatchEmbed
+from dinov2.layers.attention import prepare_attention
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,24 @@ class DinoVisionTransformer(nn.Module):
         groups = [self.prepare_tokens(x, m) for x, m in zip(crops, masks, strict=True)]
         seqs = [(t.shape[0], t.shape[1]) for t in groups]
         x = torch.cat([t.reshape(-1, self.embed_dim) for t in groups])
-        for blk in self.blocks[:upto]:
-            x = blk(x, seqs)
+        # the residual stream is fp32 (or wider) in training and evaluation alike, whatever autocast does
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        blocks = self.blocks[:upto]
+        meta = self.prepare_attention(blocks, seqs, x.device)
+        for blk in blocks:
+            x = blk(x, seqs, meta)
         return x, seqs
+
+    def resolve_attention(self, device: torch.device) -> str:
+        """Select the attention backend on ``device`` (probing it once; see ``dinov2.layers.attention``).
+        Runs before the blocks of every forward, so compiled blocks only read the result."""
+        return self.dispatcher.resolve(device)[0]
+
+    def prepare_attention(self, blocks: Sequence[Block], seqs: list[tuple[int, int]], device: torch.device):
+        """The backend's per-layout metadata for one forward (a flex ``BlockMask``, varlen ``cu_seqlens``),
+        built once for all ``blocks``; None for backends that need none (sdpa)."""
+        _, backend = self.dispatcher.resolve(device)
+        return prepare_attention(backend, [blk.attention_layout(seqs) for blk in blocks], device)
 
     def unpack(self, x: Tensor, seqs: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
         r = 1 + self.num_register_tokens

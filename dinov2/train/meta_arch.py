@@ -45,7 +45,9 @@ class Network(nn.Module):
         """DINO logits of ``cls`` and iBOT logits of ``masked_patches``; one head call when shared."""
         if self.ibot_head is None:
             logits = self.dino_head(torch.cat([cls, masked_patches]))
-            return logits[: cls.shape[0]], logits[cls.shape[0] :]
+            # split, not two slices: its backward is one concatenation, not two zero-filled full-size grads
+            dino, ibot = logits.split([cls.shape[0], masked_patches.shape[0]])
+            return dino, ibot
         return self.dino_head(cls), self.ibot_head(masked_patches)
 
 
@@ -93,7 +95,8 @@ class SSLMetaArch(nn.Module):
         out = self.teacher.backbone(global_crops)
         cls, patch = out["cls"], out["patch"]
         masked = patch.flatten(0, 1)[mask_index]
-        dino_logits, ibot_logits = self.teacher.head_logits(cls, masked)
+        with torch.autocast(global_crops.device.type, enabled=False):  # fp32 logits before the sharp temperature
+            dino_logits, ibot_logits = self.teacher.head_logits(cls.float(), masked.float())
         dino_logits = dino_logits.reshape(2, -1, dino_logits.shape[-1])
         dino_targets = self.dino_center(dino_logits, teacher_temp)
         ibot_targets = self.ibot_center(ibot_logits, teacher_temp)
@@ -143,8 +146,9 @@ class SSLMetaArch(nn.Module):
         masked = outs[0]["patch"].flatten(0, 1)[mask_index]
         dino_logits, ibot_logits = student.head_logits(cls, masked)
         k = dino_logits.shape[-1]
-        student_global = dino_logits[:n_global].reshape(2, batch_size, k)
-        student_local = dino_logits[n_global:].reshape(-1, batch_size, k) if has_local else None
+        student_global, student_local = dino_logits.split([n_global, dino_logits.shape[0] - n_global])
+        student_global = student_global.reshape(2, batch_size, k)
+        student_local = student_local.reshape(-1, batch_size, k) if has_local else None
 
         parts: dict[str, Tensor] = {}
         cfg = self.loss_cfg

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from dinov2.config import Config, ConfigError, to_yaml
+from dinov2.config import Amp, Config, ConfigError, to_yaml
 from dinov2.data import build_train_loader
 from dinov2.distributed.comm import all_reduce_sum_, world_size
 from dinov2.distributed.env import DistEnv, distributed_session
@@ -67,10 +67,11 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
 
 
 def autocast_context(cfg: Config, device: torch.device):
-    if device.type != "cuda" or cfg.train.amp == "none":
+    """bf16 autocast on CUDA (``train.amp=bf16``), none otherwise. fp16 is not offered (``Amp``): it would
+    need loss scaling, and bf16 has fp32's exponent range on every GPU this recipe targets."""
+    if device.type != "cuda" or cfg.train.amp == Amp.none:
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.amp]
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def build_meta_arch(cfg: Config, device: torch.device) -> SSLMetaArch:
@@ -108,6 +109,32 @@ def make_optimizer(model: SSLMetaArch, cfg: Config, device: torch.device):
     optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), cfg.optim.fused, device)
     last_layer_params = [p for g in optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
     return optimizer, last_layer_params
+
+
+@dataclass
+class Training:
+    """What :func:`build_training` builds, and :meth:`step`: the trainer's iteration on it."""
+
+    model: SSLMetaArch
+    optimizer: torch.optim.Optimizer
+    last_layer_params: list[torch.Tensor]
+    cfg: Config
+    device: torch.device
+
+    def step(self, batch: dict[str, Any], values: ScheduleValues) -> dict[str, torch.Tensor]:
+        return train_step(self.model, self.optimizer, batch, values, self.cfg, self.last_layer_params, self.device)
+
+
+def build_training(cfg: Config, env: DistEnv, device: torch.device) -> Training:
+    """Model → activation checkpointing, backend resolution, compilation, sharding (``parallelize``) →
+    optimizer over the sharded parameters, seeded as the trainer seeds them. The benchmarks call this too,
+    so what they time is what trains."""
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank: FSDP shards them as they are
+    model = build_meta_arch(cfg, device)
+    parallelize(model, cfg.distributed, env, device)
+    torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank stream for stochastic depth
+    optimizer, last_layer_params = make_optimizer(model, cfg, device)
+    return Training(model, optimizer, last_layer_params, cfg, device)
 
 
 def train_step(
@@ -173,11 +200,8 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank: FSDP shards them as they are
-    model = build_meta_arch(cfg, device)
-    parallelize(model, cfg.distributed, env, device)
-    torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank stream for stochastic depth
-    optimizer, last_layer_params = make_optimizer(model, cfg, device)
+    training = build_training(cfg, env, device)
+    model, optimizer, last_layer_params = training.model, training.optimizer, training.last_layer_params
     global_batch = cfg.data.batch_size_per_gpu * env.world_size
     total = total_iterations(cfg)
     schedules = Schedules.from_config(cfg, global_batch, total)
