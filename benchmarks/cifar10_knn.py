@@ -36,14 +36,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
 
 import torch  # noqa: E402
 
-from benchmarks.common import (  # noqa: E402
-    format_table,
-    header_lines,
-    resolve_device,
-    run_header,
-    synchronize,
-    update_markdown,
-)
+from benchmarks.devices import resolve_device, run_header, synchronize  # noqa: E402
+from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DINOV2_SHARED_DATA", REPO.parent / "shared" / "data")) / "cifar10"
