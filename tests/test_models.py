@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dinov2.models import vision_transformer, vit_base, vit_giant2, vit_large, vit_small
+from dinov2.models import create_vit, vit_base, vit_giant2, vit_large, vit_small
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ def tiny_vit(**kw):
         layerscale_init=0.5,
     )
     base.update(kw)
-    return vision_transformer("vit_small", **base)
+    return create_vit("vit_small", **base)
 
 
 @pytest.mark.parametrize("ffn_layer", ["mlp", "swiglu"])
@@ -144,3 +145,12 @@ def test_bf16_packed_vs_unpacked_vit_large_gpu():
         for key in ("cls", "patch"):
             err = (a[key].float() - b[key].float()).norm() / b[key].float().norm()
             assert err < 2e-2, (key, err)
+
+
+def test_the_reference_import_idiom_binds_the_module():
+    """``import dinov2.models.vision_transformer as vits`` (the reference's idiom) gives the module,
+    not a function of the same name that shadows it."""
+    import dinov2.models.vision_transformer as vits
+
+    assert isinstance(vits, types.ModuleType)
+    assert vits.vit_small is vit_small

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dinov2.config import load_config
-from dinov2.models import vision_transformer
+from dinov2.models import create_vit
 from dinov2.train.meta_arch import Network, build_heads
 from dinov2.train.optim import apply_schedule, build_optimizer, layer_id, param_groups
 from dinov2.train.schedules import Schedules, cosine, scaled_lr, warmup_cosine
@@ -64,7 +64,7 @@ def test_schedules_from_config_at_iterations():
 
 
 def _network(depth=3):
-    backbone = vision_transformer(
+    backbone = create_vit(
         "vit_small", img_size=16, patch_size=4, embed_dim=16, depth=depth, num_heads=2, num_register_tokens=1
     )
     cfg = load_config(None, ["dino_head.out_dim=8", "dino_head.hidden_dim=8", "dino_head.bottleneck_dim=4"])

@@ -208,7 +208,7 @@ class DinoVisionTransformer(nn.Module):
         return len(self.blocks)
 
 
-def vision_transformer(arch: str, **kwargs: Any) -> DinoVisionTransformer:
+def create_vit(arch: str, **kwargs: Any) -> DinoVisionTransformer:
     """Build ``vit_tiny`` / ``vit_small`` / ``vit_base`` / ``vit_large`` / ``vit_giant2``; keyword
     arguments override the arch's width, depth, heads or FFN kind and set everything else."""
     if arch not in ARCHS:
@@ -221,24 +221,24 @@ def vision_transformer(arch: str, **kwargs: Any) -> DinoVisionTransformer:
 
 
 def vit_small(**kwargs: Any) -> DinoVisionTransformer:
-    return vision_transformer("vit_small", **kwargs)
+    return create_vit("vit_small", **kwargs)
 
 
 def vit_base(**kwargs: Any) -> DinoVisionTransformer:
-    return vision_transformer("vit_base", **kwargs)
+    return create_vit("vit_base", **kwargs)
 
 
 def vit_large(**kwargs: Any) -> DinoVisionTransformer:
-    return vision_transformer("vit_large", **kwargs)
+    return create_vit("vit_large", **kwargs)
 
 
 def vit_giant2(**kwargs: Any) -> DinoVisionTransformer:
-    return vision_transformer("vit_giant2", **kwargs)
+    return create_vit("vit_giant2", **kwargs)
 
 
 def build_backbone(cfg: Any) -> DinoVisionTransformer:
     """Backbone from a ``ModelConfig`` (see ``dinov2.config``)."""
-    return vision_transformer(
+    return create_vit(
         cfg.arch,
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
