@@ -157,8 +157,9 @@ class SSLMetaArch(nn.Module):
             parts["dino"] = self.dino_loss(student_global, dino_targets, student_local)
             loss = loss + cfg.dino_weight * parts["dino"]
         if cfg.ibot_weight and mask_index.numel() > 0:
-            n_masked_images = masks.any(dim=1).sum()
-            parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_masked_images)
+            # normalised by all 2B global crops, masked or not, as the reference (dinov2/dinov3
+            # ibot_patch_loss.py forward_masked; ssl_meta_arch.py's loss scales 2 * 1/2 cancel)
+            parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_global)
             loss = loss + cfg.ibot_weight * parts["ibot"]
         elif cfg.ibot_weight:
             # no masked patch in this rank's batch: a zero that keeps the iBOT head in the graph, so every
