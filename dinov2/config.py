@@ -54,6 +54,9 @@ class HeadConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
+    # trunc_normal: the reference's init (std 0.02); fan_in: std 1/sqrt(fan_in), for narrow CPU-recipe
+    # backbones (dinov2/layers/dino_head.py DINOHead.reset_parameters)
+    mlp_init: Literal["trunc_normal", "fan_in"] = "trunc_normal"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -183,6 +186,9 @@ class OptimConfig:
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     clip_grad: float = 3.0  # 0 disables clipping
+    # per_module: backbone, DINO head and iBOT head each clipped to clip_grad (the reference); global: one
+    # norm over the whole student (dinov2/train/clipping.py)
+    clip_grad_mode: Literal["per_module", "global"] = "per_module"
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
     fused: bool = True  # fused AdamW when the device supports it

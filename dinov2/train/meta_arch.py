@@ -24,11 +24,12 @@ from dinov2.models import DinoVisionTransformer, build_backbone
 
 
 def build_heads(embed_dim: int, dino: HeadConfig, ibot: HeadConfig, separate_ibot: bool) -> nn.ModuleDict:
-    heads = nn.ModuleDict(
-        {"dino_head": DINOHead(embed_dim, dino.out_dim, dino.hidden_dim, dino.bottleneck_dim, dino.nlayers)}
-    )
+    def head(c: HeadConfig) -> DINOHead:
+        return DINOHead(embed_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.nlayers, mlp_init=c.mlp_init)
+
+    heads = nn.ModuleDict({"dino_head": head(dino)})
     if separate_ibot:
-        heads["ibot_head"] = DINOHead(embed_dim, ibot.out_dim, ibot.hidden_dim, ibot.bottleneck_dim, ibot.nlayers)
+        heads["ibot_head"] = head(ibot)
     return heads
 
 
