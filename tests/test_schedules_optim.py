@@ -181,8 +181,18 @@ def test_dino_head_init_is_the_reference_trunc_normal():
         DINOHead(8, 8, mlp_init="xavier")
 
 
-def test_distillation_student_ema_momentum_is_warmed_up():
-    cfg = load_config(None, ["distill.enabled=true", "distill.student_ema_momentum=0.999"])
+def test_distillation_student_ema_momentum_warm_up_option():
+    """``distill.student_ema_warmup=true`` (short CPU runs): min(m, (1 + t) / (10 + t)) on top of the
+    schedule, here a constant 0.999."""
+    cfg = load_config(
+        None,
+        [
+            "distill.enabled=true",
+            "distill.student_ema_momentum=0.999",
+            "distill.final_student_ema_momentum=0.999",
+            "distill.student_ema_warmup=true",
+        ],
+    )
     s = Schedules.from_config(cfg, global_batch=256, total_iterations=20_000)
     assert s.at(0).momentum == pytest.approx(0.1) and s.at(8).momentum == pytest.approx(0.5)
     assert s.at(80).momentum == pytest.approx(0.9) and s.at(890).momentum == pytest.approx(0.99)

@@ -80,6 +80,8 @@ class SSLMetaArch(nn.Module):
         self.ibot_loss = IBOTPatchLoss(loss_cfg.student_temp)
         self.koleo_loss = KoLeoLoss()
         self.loss_cfg = loss_cfg
+        # the student's global crops get the iBOT mask tokens (distillation may see them unmasked)
+        self.student_masks = True
 
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
@@ -141,7 +143,7 @@ class SSLMetaArch(nn.Module):
 
         has_local = local_crops is not None and local_crops.numel() > 0
         crops = [global_crops, local_crops] if has_local else [global_crops]
-        outs = student.backbone(crops, [masks] + [None] * (len(crops) - 1))
+        outs = student.backbone(crops, [masks if self.student_masks else None] + [None] * (len(crops) - 1))
         global_cls = outs[0]["cls"]
         cls = torch.cat([global_cls] + ([outs[1]["cls"]] if has_local else []))
         masked = outs[0]["patch"].flatten(0, 1)[mask_index]

@@ -97,14 +97,18 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def make_optimizer(model: SSLMetaArch, cfg: Config, device: torch.device):
     """AdamW over the parameter groups of every trained network (the student; several when distilling
-    into more than one). The prototype layers' groups carry ``is_last_layer`` (lr 0 while frozen)."""
+    into more than one). The prototype layers' groups carry ``is_last_layer`` (lr 0 while frozen).
+    Layer-wise lr decay: ``optim.layerwise_decay``, or ``distill.layerwise_decay`` when distilling."""
+    decay = cfg.optim.layerwise_decay
+    if cfg.distill.enabled and cfg.distill.layerwise_decay is not None:
+        decay = cfg.distill.layerwise_decay
     groups = [
         group
         for network in model.trained_networks().values()
         for group in param_groups(
             network,
             depth=network.backbone.num_layers(),
-            layerwise_decay=cfg.optim.layerwise_decay,
+            layerwise_decay=decay,
             patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
         )
     ]
