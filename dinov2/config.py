@@ -54,6 +54,9 @@ class HeadConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
+    # trunc_normal: the reference's init (std 0.02); fan_in: std 1/sqrt(fan_in), for narrow CPU-recipe
+    # backbones (dinov2/layers/dino_head.py DINOHead.reset_parameters)
+    mlp_init: Literal["trunc_normal", "fan_in"] = "trunc_normal"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -183,6 +186,9 @@ class OptimConfig:
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     clip_grad: float = 3.0  # 0 disables clipping
+    # per_module: backbone, DINO head and iBOT head each clipped to clip_grad (the reference); global: one
+    # norm over the whole student (dinov2/train/clipping.py)
+    clip_grad_mode: Literal["per_module", "global"] = "per_module"
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
     fused: bool = True  # fused AdamW when the device supports it
@@ -214,7 +220,16 @@ class DistillConfig:
     teacher_checkpoint: str = ""  # our export, timm or HF layout (see docs/distillation.md)
     teacher_format: str = "auto"  # auto | ours | timm | hf
     teacher_model: ModelConfig = field(default_factory=ModelConfig)
-    student_ema_momentum: float = 0.999  # reached after a warm-up (schedules.ema_warmup): ~9k iterations at 0.999
+    # The distillation recipe: dinov3's (configs/train/dinov3_vitl16_lvd1689m_distilled.yaml, its `schedules`;
+    # train/ssl_meta_arch.py). Each of these replaces, in a distillation run, its optim/loss counterpart.
+    student_masks: bool = False  # False: the student sees the global crops unmasked (iBOT still on the drawn patches)
+    teacher_temp_warmup: bool = False  # False: teacher temperature constant at loss.teacher_temp (0.07)
+    freeze_last_layer: bool = False  # True: freeze the prototypes for optim.freeze_last_layer_epochs
+    cosine_weight_decay: bool = False  # False: weight decay constant at optim.weight_decay (0.04)
+    layerwise_decay: float | None = 0.99  # None: optim.layerwise_decay
+    student_ema_momentum: float = 0.994  # the students' EMA: cosine from this ...
+    final_student_ema_momentum: float = 1.0  # ... to this over the run
+    student_ema_warmup: bool = False  # True: min(m, (1 + t) / (10 + t)) on top (schedules.ema_warmup; short runs)
     head_seed: int = 0  # backbone-only teachers: seed of the made (random, frozen) teacher heads
     extra_students: list[StudentConfig] = field(default_factory=list)  # trained next to `model`, same heads config
 
