@@ -20,7 +20,7 @@ from tiny_config import TINY
 
 from dinov2.config import load_config
 from dinov2.distributed.env import DistEnv
-from dinov2.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from dinov2.losses import KoLeoLoss
 from dinov2.train.meta_arch import SSLMetaArch
 from dinov2.train.schedules import ScheduleValues
 from dinov2.train.trainer import build_training
@@ -207,7 +207,9 @@ def test_partially_masked_batch_matches_the_reference_up_to_the_ibot_normaliser(
 
 
 def _values(momentum: float = 0.9, freeze: bool = False) -> ScheduleValues:
-    return ScheduleValues(lr=1e-2, weight_decay=0.04, momentum=momentum, teacher_temp=TEACHER_TEMP, freeze_last_layer=freeze)
+    return ScheduleValues(
+        lr=1e-2, weight_decay=0.04, momentum=momentum, teacher_temp=TEACHER_TEMP, freeze_last_layer=freeze
+    )
 
 
 def test_train_step_loss_then_adamw_then_ema_of_the_updated_student():
