@@ -22,6 +22,7 @@ from dinov2.distributed.stop import StopRequest
 from dinov2.train import trainer
 from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.metrics import read_metrics
+from dinov2.train.schedules import Schedules
 from dinov2.train.trainer import build_meta_arch, train
 
 TESTS = Path(__file__).resolve().parent
@@ -87,6 +88,13 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypa
     state = _final_state(cfg, tmp_path / "straight")
     _assert_trained(cfg, state)
     _assert_same_state(_final_state(cfg, tmp_path / "resumed"), state)
+    # each step ran at its own iteration's schedule values (logged with it)
+    schedules = Schedules.from_config(cfg, cfg.data.batch_size_per_gpu, 4)
+    logged = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["iteration"] for r in logged] == list(range(4))
+    for record in logged:
+        values = schedules.at(record["iteration"])
+        assert (record["lr"], record["teacher_temp"]) == (values.lr, values.teacher_temp), record
 
 
 def test_resume_at_another_global_batch_continues_the_sample_stream(tmp_path, monkeypatch):
