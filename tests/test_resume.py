@@ -108,6 +108,8 @@ def test_resume_at_another_global_batch_continues_the_sample_stream(tmp_path, mo
     _, second = _run(monkeypatch, tmp_path / "resumed", ["train.max_iterations=6", "data.batch_size_per_gpu=4"])
     assert second.iterations == 6
     assert read_stream(tmp_path / "resumed") == read_stream(tmp_path / "straight")
+    # the final checkpoint's position is the global samples consumed: 16 + 4 steps × 4
+    assert saved.load(saved.latest(), build_meta_arch(cfg, torch.device("cpu")), None).sample_position == 32
     _assert_trained(cfg, _final_state(cfg, tmp_path / "resumed"))
 
 

@@ -206,6 +206,20 @@ def test_partially_masked_batch_matches_the_reference_up_to_the_ibot_normaliser(
     assert any(torch.allclose(parts["ibot"], c, rtol=1e-5, atol=1e-6) for c in candidates), parts["ibot"]
 
 
+def test_teacher_has_no_stochastic_depth_while_the_student_trains():
+    """``model.train()`` leaves the teacher in eval mode: with stochastic depth on, its targets are the
+    same on every call while the student's forward is random."""
+    model = _model(_config(["model.drop_path_rate=0.5"]))
+    model.train()
+    batch = _batch()
+    first = model.teacher_targets(batch["global_crops"], batch["mask_indices"], TEACHER_TEMP)
+    again = model.teacher_targets(batch["global_crops"], batch["mask_indices"], TEACHER_TEMP)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    s1, s2 = (model.student.backbone(batch["global_crops"])["cls"] for _ in range(2))
+    assert not torch.equal(s1, s2)  # stochastic depth is on: the check above is not vacuous
+
+
 def _values(momentum: float = 0.9, freeze: bool = False) -> ScheduleValues:
     return ScheduleValues(
         lr=1e-2, weight_decay=0.04, momentum=momentum, teacher_temp=TEACHER_TEMP, freeze_last_layer=freeze

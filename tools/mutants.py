@@ -136,7 +136,7 @@ CATALOGUE: list[Mutant] = [
     m("teacher-in-train-mode", META,
       "        self.teacher.eval()  # the teacher never uses stochastic depth\n        return self",
       "        return self",
-      ["tests/test_train.py", *RESUME], "teacher left in train mode (stochastic depth in the teacher)"),
+      WIRING, "teacher left in train mode (stochastic depth in the teacher)"),
     # ------------------------------------------------------------------ trainer.py
     m("ema-before-step", TRAINER,
       "    optimizer.step()\n    optimizer.zero_grad(set_to_none=True)\n    model.update_ema(values.momentum)",
