@@ -82,7 +82,8 @@ def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench, shared
     )  # fmt: skip
     row = result["row"]
     assert row["steps"] > 0 and row["epochs"] > 0 and row["img/s"] > 0
-    assert 0.0 <= row["k-NN top-1 (k=20)"] <= 100.0 and 0.0 <= row["random init (k=20)"] <= 100.0
+    # percentages on CIFAR-10 (chance 10 %): a features, labels or units bug lands at ~10 or below 1
+    assert 15.0 < row["k-NN top-1 (k=20)"] <= 100.0 and 15.0 < row["random init (k=20)"] <= 100.0, row
     assert len(result["curve"]) == 2 and len(result["losses"]) == row["steps"]
     assert all(np.isfinite(result["losses"]))
     assert (tmp_path / "out" / "cifar10_knn.json").is_file()
@@ -159,6 +160,7 @@ def test_supervised_ceiling_tiny_cpu_prints_the_table(tmp_path, bench, shared_da
     trainings = ["random init", "self-supervised (ours)", "supervised, same backbone and batches"]
     assert [r["training"] for r in rows] == trainings
     assert [r["iterations"] for r in rows] == ["0", "6", "6"]
-    assert all(0.0 <= row[5] <= 100.0 for row in record["rows"])
+    # k-NN top-1 (%) on CIFAR-10, chance 10 %: a features, labels or units bug lands at ~10 or below 1
+    assert all(15.0 < row[5] <= 100.0 for row in record["rows"]), record["rows"]
     assert record["rows"][1][6] == record["rows"][1][5] - record["rows"][0][5]  # the difference column
     assert (tmp_path / "out" / "ssl" / "teacher_backbone.safetensors").is_file()
