@@ -25,6 +25,21 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- model
+class PosEmbedInterpolation(StrEnum):
+    """``model.pos_embed_interpolation``: whose resampling of the position embedding to another patch
+    grid (``dinov2.models.pos_embed``). ``reference``: dinov2's ``interpolate_pos_encoding`` as trained and
+    released (bicubic, ``scale_factor=(h + 0.1) / M``, no antialias); ``reference_reg``: the released
+    ``*_reg`` models (exact size, antialias); ``hf``: transformers' ``Dinov2Model`` (exact size, no
+    antialias); ``timm``: ``resample_abs_pos_embed`` (exact size, antialias); ``ours``: this project's
+    original choice (exact size, antialias)."""
+
+    reference = "reference"
+    reference_reg = "reference_reg"
+    hf = "hf"
+    timm = "timm"
+    ours = "ours"
+
+
 @dataclass
 class ModelConfig:
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
@@ -45,7 +60,9 @@ class ModelConfig:
     drop_path_uniform: bool = True  # same rate in every block (DINOv2) vs linearly increasing
     drop_path_mode: str = "efficient"  # efficient (subset of samples) | classic (per-sample mask)
     attn_backend: str = "auto"  # auto | sdpa | math | flex | varlen | xformers
-    interpolate_antialias: bool = True
+    # None: "ours" for a model we train; for weights loaded through dinov2.interop, what the file says
+    # (our exports record it), else "reference" ("reference_reg" with registers), as released
+    pos_embed_interpolation: PosEmbedInterpolation | None = None
 
 
 @dataclass
