@@ -285,6 +285,9 @@ class TrainConfig:
     # what the loop optimises: DINO + iBOT + KoLeo self-distillation (or distillation), or instance
     # discrimination under copy augmentations (a copy detector, dinov2.train.copy_detection)
     objective: Literal["dino", "copy_detection"] = "dino"
+    # a finished run whose student, teacher and heads this run starts from (dinov2-train --init-from;
+    # dinov2.train.init_from): the high-resolution phase. Ignored once this run has its own checkpoint
+    init_from: str = ""
 
 
 @dataclass
