@@ -93,3 +93,31 @@ def test_bad_init_from_is_one_line_exit_2_and_writes_nothing(first_run, tmp_path
     assert expected.get(case, "train.output_dir") in err[0]
     assert not out.exists() or out == first_run
     assert sorted(p.name for p in first_run.rglob("*")) == before
+
+
+@pytest.mark.parametrize("size", ["s", "b", "l", "g"])
+def test_highres_presets_continue_their_base_run(size):
+    """Each ``vit*14_highres`` preset fits the weights of its base preset's run (same keys and shapes but
+    the position-embedding grid) and is the paper's phase: 518 px global crops for 10k iterations."""
+    from dinov2.train.init_from import _target_shapes
+    from dinov2.train.trainer import total_iterations
+
+    base = load_config(f"train/vit{size}14")
+    phase = load_config(f"train/vit{size}14_highres")
+    assert (phase.model.img_size, phase.data.crops.global_crops_size) == (518, 518)
+    assert phase.data.crops.local_crops_size == base.data.crops.local_crops_size == 98
+    assert total_iterations(phase) == 10_000
+    assert (phase.dino_head, phase.ibot_head, phase.loss.ibot_separate_head) == (
+        base.dino_head,
+        base.ibot_head,
+        base.loss.ibot_separate_head,
+    )
+    want, have = _target_shapes(phase), _target_shapes(base)
+    assert set(want) == set(have)
+    differ = {k for k in want if want[k] != have[k]}
+    assert differ == {"student.backbone.pos_embed", "teacher.backbone.pos_embed"}
+    assert want["teacher.backbone.pos_embed"][1] == 1 + 37 * 37
+    o = phase.optim  # dinov3's high-resolution adaptation schedules (see the preset's header)
+    assert (o.base_lr, o.min_lr, o.weight_decay, o.weight_decay_end) == (1.25e-5, 1.25e-5, 0.04, 0.04)
+    assert (o.momentum_teacher, o.final_momentum_teacher, o.freeze_last_layer_epochs) == (0.999, 0.999, 0)
+    assert (phase.loss.teacher_temp, phase.loss.warmup_teacher_temp) == (0.07, 0.07)
