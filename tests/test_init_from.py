@@ -121,3 +121,17 @@ def test_highres_presets_continue_their_base_run(size):
     assert (o.base_lr, o.min_lr, o.weight_decay, o.weight_decay_end) == (1.25e-5, 1.25e-5, 0.04, 0.04)
     assert (o.momentum_teacher, o.final_momentum_teacher, o.freeze_last_layer_epochs) == (0.999, 0.999, 0)
     assert (phase.loss.teacher_temp, phase.loss.warmup_teacher_temp) == (0.07, 0.07)
+
+
+def test_a_started_phase_resumes_without_reading_the_source_again(first_run, tmp_path):
+    phase = tmp_path / "run32"
+    overrides = [*TINY, *PHASE2, "train.max_iterations=1", "train.checkpoint_every=1", f"train.output_dir={phase}"]
+    assert main(["--config", "train/demo", "--init-from", str(first_run), *overrides]) == 0
+    gone = tmp_path / "moved"
+    first_run.rename(gone)  # the source is no longer there: resuming must not need it
+    try:
+        more = [*overrides[:-3], "train.max_iterations=2", "train.checkpoint_every=1", f"train.output_dir={phase}"]
+        assert main(["--config", "train/demo", "--init-from", str(first_run), *more]) == 0
+    finally:
+        gone.rename(first_run)
+    assert (phase / "checkpoints" / "ckpt_00000002").is_dir()

@@ -32,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.init_from:
+            cfg.train.init_from = args.init_from
+        if cfg.train.init_from:
             from dinov2.train.init_from import check_init_from
 
-            cfg.train.init_from = args.init_from
-            check_init_from(args.init_from, cfg)  # before anything is written
+            check_init_from(cfg.train.init_from, cfg)  # before anything is written
     except ConfigError as e:
         print(f"dinov2-train: error: {e}", file=sys.stderr)
         return 2

@@ -91,14 +91,24 @@ def _is_pos_embed(key: str) -> bool:
     return key.endswith("backbone.pos_embed")
 
 
-def check_init_from(run_dir: str | Path, cfg: Config) -> Path:
+def check_init_from(run_dir: str | Path, cfg: Config) -> Path | None:
     """The source of ``--init-from run_dir`` for a run of ``cfg``, after checking that its weights fit the
-    architecture (position-embedding grids aside). Raises :class:`InitFromError`."""
+    architecture (position-embedding grids aside). Raises :class:`InitFromError`. Once the new run has a
+    checkpoint of its own it resumes from it and ``run_dir`` is not read: nothing to check (None)."""
+    from dinov2.train.checkpoint import CheckpointManager
+
     if cfg.distill.enabled or cfg.train.objective != "dino":
         raise InitFromError("--init-from applies to self-supervised runs only, not distillation or copy detection")
     if Path(run_dir).resolve() == Path(cfg.train.output_dir).resolve():
         raise InitFromError(f"--init-from {run_dir} is this run's train.output_dir: give the phase its own directory")
+    if CheckpointManager(Path(cfg.train.output_dir) / "checkpoints").latest() is not None:
+        return None
     source = find_source(run_dir)
+    _check_shapes(source, cfg)
+    return source
+
+
+def _check_shapes(source: Path, cfg: Config) -> None:
     have = _source_shapes(source)
     want = _target_shapes(cfg)
     if source.is_file():  # backbones only: the heads keep their initialisation
@@ -116,7 +126,6 @@ def check_init_from(run_dir: str | Path, cfg: Config) -> Path:
             fits = found == shape
         if not fits:
             raise InitFromError(f"architecture mismatch: '{key}' is {list(found)} in {source} but {list(shape)} here")
-    return source
 
 
 @contextlib.contextmanager
@@ -157,7 +166,10 @@ def init_from_run(model: nn.Module, cfg: Config) -> Path:
     sharded; every rank calls this). Returns the source read."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    source = check_init_from(cfg.train.init_from, cfg)
+    if cfg.distill.enabled or cfg.train.objective != "dino":
+        raise InitFromError("--init-from applies to self-supervised runs only, not distillation or copy detection")
+    source = find_source(cfg.train.init_from)
+    _check_shapes(source, cfg)
     grid = cfg.model.img_size // cfg.model.patch_size
     mode = str(cfg.model.pos_embed_interpolation or "ours")
     state = resample_pos_embeds(read_weights(source), grid, mode)
