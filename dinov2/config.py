@@ -25,6 +25,21 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- model
+class PosEmbedInterpolation(StrEnum):
+    """``model.pos_embed_interpolation``: whose resampling of the position embedding to another patch
+    grid (``dinov2.models.pos_embed``). ``reference``: dinov2's ``interpolate_pos_encoding`` as trained and
+    released (bicubic, ``scale_factor=(h + 0.1) / M``, no antialias); ``reference_reg``: the released
+    ``*_reg`` models (exact size, antialias); ``hf``: transformers' ``Dinov2Model`` (exact size, no
+    antialias); ``timm``: ``resample_abs_pos_embed`` (exact size, antialias); ``ours``: this project's
+    original choice (exact size, antialias)."""
+
+    reference = "reference"
+    reference_reg = "reference_reg"
+    hf = "hf"
+    timm = "timm"
+    ours = "ours"
+
+
 @dataclass
 class ModelConfig:
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
@@ -45,7 +60,9 @@ class ModelConfig:
     drop_path_uniform: bool = True  # same rate in every block (DINOv2) vs linearly increasing
     drop_path_mode: str = "efficient"  # efficient (subset of samples) | classic (per-sample mask)
     attn_backend: str = "auto"  # auto | sdpa | math | flex | varlen | xformers
-    interpolate_antialias: bool = True
+    # None: "ours" for a model we train; for weights loaded through dinov2.interop, what the file says
+    # (our exports record it), else "reference" ("reference_reg" with registers), as released
+    pos_embed_interpolation: PosEmbedInterpolation | None = None
 
 
 @dataclass
@@ -92,6 +109,9 @@ class CropsConfig:
     blur_p_global2: float = 0.1
     blur_p_local: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # true: blur as the released weights were trained (the reference's RandomApply(p=1-p) inversion:
+    # first global crop never, second 0.9, locals 0.5 with the defaults above; 9 taps at every size)
+    blur_as_released: bool = False
     solarize_p_global2: float = 0.2
     solarize_threshold: float = 0.5  # fraction of the pixel range (128 / 255 for uint8)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -280,6 +300,9 @@ class TrainConfig:
     # what the loop optimises: DINO + iBOT + KoLeo self-distillation (or distillation), or instance
     # discrimination under copy augmentations (a copy detector, dinov2.train.copy_detection)
     objective: Literal["dino", "copy_detection"] = "dino"
+    # a finished run whose student, teacher and heads this run starts from (dinov2-train --init-from;
+    # dinov2.train.init_from): the high-resolution phase. Ignored once this run has its own checkpoint
+    init_from: str = ""
 
 
 @dataclass

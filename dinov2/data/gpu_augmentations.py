@@ -16,8 +16,9 @@ only (no Python loop over samples), from the same :class:`~dinov2.config.CropsCo
    as torchvision does, applied in a random order per crop. Hue is shifted through **RGB ↔ HSV**
    (the same colour space as torchvision, not a YIQ rotation);
 4. **grayscale** with ``grayscale_p`` (ITU-R 601 luma weights, repeated on 3 channels);
-5. **Gaussian blur** with ``blur_p_global1`` / ``blur_p_global2`` / ``blur_p_local`` per view,
-   ``σ ~ U(blur_sigma)`` per crop, the CPU path's kernel size, reflect padding; separable, one grouped
+5. **Gaussian blur** with ``blur_p_global1`` / ``blur_p_global2`` / ``blur_p_local`` per view (inverted
+   with ``blur_as_released``, as the CPU path), ``σ ~ U(blur_sigma)`` per crop, the CPU path's kernel
+   size, reflect padding; separable, one grouped
    convolution per direction for the whole group;
 6. **solarize** on the second global crop only, with ``solarize_p_global2``: ``x ≥ threshold → 1 − x``;
 7. **normalize** with ``mean`` / ``std``.
@@ -52,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinov2.data.augmentations import blur_kernel_size
+from dinov2.data.augmentations import blur_kernel_size, blur_probabilities
 from dinov2.data.collate import mask_tensors
 from dinov2.data.masking import sample_masks
 from dinov2.data.samplers import InfiniteSampler
@@ -353,10 +354,11 @@ class GPUMultiCrop:
         ``jitter``, ``grayscale``, ``blur``, ``sigma``, ``solarize`` and the ``jitter_*`` draws of
         :func:`jitter_params` per crop, view-major)."""
         c = self.cfg
+        blur_global1, blur_global2, blur_local = blur_probabilities(c)
         pixels = as_nchw(images).float().div_(255.0)
         global_crops, global_params = self._group(
             pixels, 2, c.global_crops_size, c.global_crops_scale,
-            blur_p=(c.blur_p_global1, c.blur_p_global2), solarize_p=(0.0, c.solarize_p_global2),
+            blur_p=(blur_global1, blur_global2), solarize_p=(0.0, c.solarize_p_global2),
             generator=generator,
         )  # fmt: skip
         out: dict[str, Any] = {"global_crops": global_crops}
@@ -365,7 +367,7 @@ class GPUMultiCrop:
             n = c.local_crops_number
             out["local_crops"], params["local"] = self._group(
                 pixels, n, c.local_crops_size, c.local_crops_scale,
-                blur_p=(c.blur_p_local,) * n, solarize_p=(0.0,) * n, generator=generator,
+                blur_p=(blur_local,) * n, solarize_p=(0.0,) * n, generator=generator,
             )  # fmt: skip
         else:
             out["local_crops"] = torch.empty(0, device=pixels.device)
@@ -410,7 +412,8 @@ class GPUMultiCrop:
         if c.grayscale_p > 0:
             x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
         if max(blur_p) > 0:
-            x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma, blur_kernel_size(size)), x)
+            kernel = blur_kernel_size(size, max(c.blur_sigma), c.blur_as_released)
+            x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma, kernel), x)
         if max(solarize_p) > 0:
             x = torch.where(sol.view(-1, 1, 1, 1), solarize(x, c.solarize_threshold), x)
         x = torch.cat([(x[:, i : i + 1] - c.mean[i]) / c.std[i] for i in range(3)], dim=1).to(self.out_dtype)

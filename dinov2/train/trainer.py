@@ -222,6 +222,10 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
             torch.manual_seed(cfg.train.seed * 1000 + env.rank + 7919 * start)
         if env.is_main:
             logger.info("resumed from %s at iteration %d", latest, start)
+    elif cfg.train.init_from:  # a new phase of another run (dinov2-train --init-from): its weights only
+        from dinov2.train.init_from import init_from_run
+
+        init_from_run(model, cfg)
 
     loader = build_loader(cfg, env, device, start, transform=model.train_transform())
     metrics = MetricsWriter(output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
