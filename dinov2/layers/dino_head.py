@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from dinov2.layers.init import EAGER, Init
+
 
 class DINOHead(nn.Module):
     """``in_dim → hidden → … → bottleneck`` (GELU between, no BatchNorm), L2 normalisation, then a
@@ -30,17 +32,21 @@ class DINOHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        self.init_weights(EAGER)
+
+    def init_weights(self, init: Init) -> None:
+        """The head's distributions through ``init`` (eager or keyed, ``dinov2.layers.init``)."""
         # std 1/sqrt(fan_in) (truncated at 2 std): about the reference 0.02 at ViT-L/g widths, but it keeps
         # the features' spread through the head for narrow backbones, where 0.02 squeezes every sample
         # onto nearly one bottleneck direction (GELU's even part dominates tiny pre-activations).
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 std = m.in_features**-0.5
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(m.bias)
+                init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                init.zeros_(m.bias)
         weight = self.last_layer.parametrizations.weight
-        nn.init.trunc_normal_(weight.original1, std=0.02)  # direction v
-        nn.init.ones_(weight.original0)  # norm g
+        init.trunc_normal_(weight.original1, std=0.02)  # direction v
+        init.ones_(weight.original0)  # norm g
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
