@@ -252,8 +252,9 @@ def test_hsdp_2x2_trains_like_one_process(runs):
     for a, b in zip(four, one, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
     init = torch.load(runs["root"] / "one_step0.pt", weights_only=True)
-    moved = _max_diff({k: v for k, v in _final(cfg, runs["one"] / "run").items()}, init)
-    assert moved > 100 * ATOL  # the comparison is not vacuous
+    moved = _max_diff(_final(cfg, runs["one"] / "run"), init)
+    print(f"max |param change| over the {STEPS} steps: {moved:.3g}")
+    assert moved > 1e-4 and moved > 100 * diff  # the comparison is not vacuous
 
 
 @pytest.mark.slow
