@@ -216,6 +216,17 @@ class OptimConfig:
 
 # ------------------------------------------------------------------------------------ distributed
 @dataclass
+class MeshConfig:
+    """The 2-D device mesh FSDP2 shards over (HSDP): ``replicate × shard`` = world size. Parameters are
+    sharded across the ``shard`` ranks of a group and replicated across the ``replicate`` groups. None:
+    derived (``dinov2.distributed.mesh``): one group per node when the job spans several nodes, full
+    sharding on one node; give one of the two and the other follows from the world size."""
+
+    replicate: int | None = None
+    shard: int | None = None
+
+
+@dataclass
 class DistributedConfig:
     fsdp: bool = False  # shard student and teacher with FSDP2 (always on when world size > 1)
     param_dtype: str = "bf16"  # FSDP mixed precision: bf16 | fp32 (fp32 on CPU for exactness)
@@ -223,6 +234,13 @@ class DistributedConfig:
     activation_checkpointing: str = "none"  # none | full | selective
     compile: bool = False  # torch.compile each block
     backend: str = "auto"  # auto | nccl | gloo
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    # FSDP2 reshard_after_forward per network (docs/launch.md): the student re-gathers its blocks in
+    # backward (ZeRO-3), the teacher (no backward) frees each block as soon as its forward is done
+    student_reshard_after_forward: bool = True
+    teacher_reshard_after_forward: bool = True
+    forward_prefetch: int = 1  # blocks whose all-gather is issued ahead in forward (0: FSDP2's implicit only)
+    backward_prefetch: int = 1  # blocks whose all-gather is issued ahead in backward (0: implicit only)
 
 
 # --------------------------------------------------------------------------------------------- train

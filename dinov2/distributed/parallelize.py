@@ -11,9 +11,15 @@
    ``fullgraph=True`` and static shapes, and a recompile budget per kind of block
    (:func:`compile_blocks`);
 4. ``fully_shard`` of each block, then of the backbone and each head, then of the network (the root),
-   for the student and the teacher alike, with a :class:`MixedPrecisionPolicy` from
-   ``distributed.param_dtype`` / ``reduce_dtype`` (bf16 parameters, fp32 gradient reduction by
-   default). Sharding applies when ``distributed.fsdp`` or more than one process.
+   for the student and the teacher alike, over the device mesh of ``distributed.mesh`` (1-D: FSDP;
+   2-D ``replicate × shard``: HSDP, ``dinov2.distributed.mesh``), with a :class:`MixedPrecisionPolicy`
+   from ``distributed.param_dtype`` / ``reduce_dtype`` (bf16 parameters, fp32 gradient reduction by
+   default), ``reshard_after_forward`` per network and explicit forward/backward prefetch of the
+   next blocks' all-gathers (``distributed.*_reshard_after_forward``, ``*_prefetch``; defaults
+   argued in docs/launch.md). Sharding applies when ``distributed.fsdp`` or more than one process.
+
+The networks may still be on the meta device (``dinov2.distributed.meta_init`` builds, shards, then
+materialises and initialises shard by shard); nothing here reads parameter values.
 
 Because the teacher is sharded exactly like the student, their local shards line up one to one and
 the EMA update is a local ``torch._foreach`` over shards (``SSLMetaArch.update_ema``); the
@@ -28,10 +34,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from dinov2.config import DistributedConfig
 from dinov2.distributed.env import DistEnv
+from dinov2.distributed.mesh import build_mesh
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 AC_MODES = ("none", "full", "selective")
@@ -96,38 +104,83 @@ def compile_blocks(networks: Sequence[nn.Module]) -> int:
     return len(kinds)
 
 
-def shard_network(network: nn.Module, policy: MixedPrecisionPolicy, reshard_after_forward: bool = True) -> None:
+def shard_network(
+    network: nn.Module,
+    policy: MixedPrecisionPolicy,
+    mesh: DeviceMesh | None = None,
+    reshard_after_forward: bool = True,
+    forward_prefetch: int = 0,
+    backward_prefetch: int = 0,
+) -> None:
     """``fully_shard`` every block, then every other child with parameters (backbone, heads), then
-    ``network`` itself as the root (which owns whatever parameters are left)."""
-    for block in network.backbone.blocks:
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    ``network`` itself as the root (which owns whatever parameters are left), over ``mesh`` (1-D: FSDP,
+    2-D: HSDP; None: the default group). Then the explicit prefetch: each block issues the all-gather
+    of the next ``forward_prefetch`` blocks when its forward starts, and of the previous
+    ``backward_prefetch`` blocks (the next ones in backward) when its backward starts."""
+    blocks = list(network.backbone.blocks)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for child in network.children():
         if any(True for _ in child.parameters()):
-            fully_shard(child, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(network, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+            fully_shard(child, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for i, block in enumerate(blocks):
+        ahead = blocks[i + 1 : i + 1 + forward_prefetch]
+        if ahead:
+            block.set_modules_to_forward_prefetch(ahead)
+        behind = blocks[max(i - backward_prefetch, 0) : i][::-1]
+        if behind:
+            block.set_modules_to_backward_prefetch(behind)
 
 
-def parallelize(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: torch.device | None = None) -> None:
+def network_sharding(cfg: DistributedConfig, name: str, trained: bool) -> dict:
+    """``shard_network`` keyword arguments of one network: trained networks (students) take the student
+    settings; the teacher and the EMAs (no backward) the teacher's reshard choice and no backward prefetch."""
+    if trained:
+        return dict(
+            reshard_after_forward=cfg.student_reshard_after_forward,
+            forward_prefetch=cfg.forward_prefetch,
+            backward_prefetch=cfg.backward_prefetch,
+        )
+    return dict(reshard_after_forward=cfg.teacher_reshard_after_forward, forward_prefetch=cfg.forward_prefetch)
+
+
+def parallelize(
+    model: nn.Module,
+    cfg: DistributedConfig,
+    env: DistEnv,
+    device: torch.device | None = None,
+    mesh: DeviceMesh | None = None,
+) -> DeviceMesh | None:
     """Prepare every network of ``model`` (student, teacher, EMAs) in place (see the module docstring).
 
-    ``model`` must already be on its device; sharding needs a process group (``setup_distributed``
-    with ``always=cfg.fsdp``). ``device`` is accepted for symmetry with the trainer and unused.
+    ``model`` may be on its device or on the meta device (``dinov2.distributed.meta_init``: shard first,
+    materialise after); the attention backend is resolved on ``device`` (default: the parameters'
+    device). Sharding needs a process group (``setup_distributed`` with ``always=cfg.fsdp``) and uses
+    ``mesh`` (default: :func:`dinov2.distributed.mesh.build_mesh` from ``cfg.mesh``). A network that is
+    already sharded (a distillation teacher loaded shard by shard) is left as it is. Returns the mesh
+    (None when nothing is sharded).
     """
     for network in model.trained_networks().values():
         apply_activation_checkpointing(network.backbone, cfg.activation_checkpointing)
     for network in model.networks().values():  # probe now, never inside a compiled (checkpointed) block
-        network.backbone.resolve_attention(_device_of(network, device))
+        network.backbone.resolve_attention(device if device is not None else _device_of(network, None))
     if cfg.compile:
         compile_blocks(list(model.networks().values()))
     if not should_shard(cfg, env):
-        return
+        return None
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError(
             "FSDP needs a process group: create it with setup_distributed(..., always=cfg.distributed.fsdp)"
         )
+    if mesh is None:
+        mesh = build_mesh(cfg.mesh, env, device if device is not None else _device_of(model, None))
     policy = mixed_precision_policy(cfg)
-    for network in model.networks().values():  # student, teacher (+ the student EMA when distilling)
-        shard_network(network, policy)
+    trained = set(model.trained_networks())
+    for name, network in model.networks().items():  # student, teacher (+ the student EMA when distilling)
+        if not isinstance(network, FSDPModule):
+            shard_network(network, policy, mesh, **network_sharding(cfg, name, name in trained))
+    return mesh
 
 
 def clip_grad_norm(module: nn.Module, max_norm: float) -> torch.Tensor:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
+
+from dinov2.layers.init import EAGER, Init
 
 MlpInit = Literal["trunc_normal", "fan_in"]
 
@@ -44,28 +45,35 @@ class DINOHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """``trunc_normal`` (the reference, dinov2 ``layers/dino_head.py``): MLP weights truncated normal
+        self.init_weights(EAGER)
+
+    def init_weights(self, init: Init) -> None:
+        """The head's distributions through ``init`` (eager or keyed, ``dinov2.layers.init``).
+
+        ``trunc_normal`` (the reference, dinov2 ``layers/dino_head.py``): MLP weights truncated normal
         with std 0.02 (cut at ±2, absolute), zero biases; the prototypes' direction ``v`` as
-        ``nn.Linear``'s default (the reference applies its init before creating ``last_layer``) and
-        ``g = 1``. ``fan_in``: MLP std ``1/sqrt(fan_in)`` (cut at 2 std) and ``v`` truncated normal 0.02;
-        about the reference at ViT-L/g widths, but it keeps the features' spread through the head of
-        narrow backbones, where 0.02 squeezes every sample onto nearly one bottleneck direction (GELU's
-        even part dominates tiny pre-activations): the CPU recipes (demo, cifar10) use it."""
+        ``nn.Linear``'s default, uniform in ``±1/sqrt(fan_in)`` (the reference applies its init before
+        creating ``last_layer``) and ``g = 1``. ``fan_in``: MLP std ``1/sqrt(fan_in)`` (cut at 2 std) and
+        ``v`` truncated normal 0.02; about the reference at ViT-L/g widths, but it keeps the features'
+        spread through the head of narrow backbones, where 0.02 squeezes every sample onto nearly one
+        bottleneck direction (GELU's even part dominates tiny pre-activations): the CPU recipes (demo,
+        cifar10) use it."""
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 if self.mlp_init == "trunc_normal":
-                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    init.trunc_normal_(m.weight, std=0.02)
                 else:
                     std = m.in_features**-0.5
-                    nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(m.bias)
+                    init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                init.zeros_(m.bias)
         weight = self.last_layer.parametrizations.weight
         direction = weight.original1
         if self.mlp_init == "trunc_normal":
-            nn.init.kaiming_uniform_(direction, a=math.sqrt(5))  # nn.Linear.reset_parameters
+            bound = direction.shape[1] ** -0.5  # kaiming_uniform_(a=sqrt(5)), nn.Linear.reset_parameters
+            init.uniform_(direction, -bound, bound)
         else:
-            nn.init.trunc_normal_(direction, std=0.02)
-        nn.init.ones_(weight.original0)  # norm g
+            init.trunc_normal_(direction, std=0.02)
+        init.ones_(weight.original0)  # norm g
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)

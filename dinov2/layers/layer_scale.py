@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dinov2.layers.init import EAGER, Init
+
 
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init_value: float = 1e-5) -> None:
@@ -13,7 +15,10 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
 
     def reset_parameters(self) -> None:
-        nn.init.constant_(self.gamma, self.init_value)
+        self.init_weights(EAGER)
+
+    def init_weights(self, init: Init) -> None:
+        init.constant_(self.gamma, self.init_value)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma

@@ -18,7 +18,11 @@ from torch import Tensor, nn
 
 from dinov2.layers import AttentionDispatcher, Block, LayerScale, PatchEmbed
 from dinov2.layers.attention import prepare_attention
+<<<<<<< HEAD
 from dinov2.models.pos_embed import interpolate_pos_embed
+=======
+from dinov2.layers.init import EAGER, Init
+>>>>>>> scale
 
 
 @dataclass(frozen=True)
@@ -100,21 +104,33 @@ class DinoVisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        self.init_weights(EAGER)
+
+    def init_weights(self, init: Init) -> None:
+        """Every parameter of the backbone (``dinov2.layers.init``): position embedding trunc-normal 0.02,
+        CLS/register tokens normal 1e-6, mask token 0, linear weights trunc-normal 0.02 and biases 0,
+        LayerNorm 1/0, LayerScale its init value, patch embedding torch's Conv2d default
+        (uniform ±1/√fan_in for weight and bias)."""
+        init.trunc_normal_(self.pos_embed, std=0.02)
+        init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
-        nn.init.zeros_(self.mask_token)
+            init.normal_(self.register_tokens, std=1e-6)
+        init.zeros_(self.mask_token)
+        conv = self.patch_embed.proj
+        bound = (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]) ** -0.5
+        init.uniform_(conv.weight, -bound, bound)
+        if conv.bias is not None:
+            init.uniform_(conv.bias, -bound, bound)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                    init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                init.ones_(m.weight)
+                init.zeros_(m.bias)
             elif isinstance(m, LayerScale):
-                m.reset_parameters()
+                m.init_weights(init)
 
     # ---------------------------------------------------------------------------------- tokens
     def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:

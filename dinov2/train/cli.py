@@ -23,7 +23,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "position embeddings resampled to this config's grid: the high-resolution phase (train/vit*14_highres)",
     )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.base_lr=1e-3")
+    plan = parser.add_argument_group("--plan: per-GPU memory and communication, no training (docs/launch.md)")
+    plan.add_argument("--plan", action="store_true", help="print the memory/communication plan and exit")
+    plan.add_argument("--world-size", type=int, default=8, help="GPUs in the job (8)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, the default shard group (8)")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU to fit in (80)")
+    plan.add_argument("--batch-sizes", default="", help="more batch sizes per GPU to tabulate, e.g. 8,16,32")
     return parser.parse_args(argv)
+
+
+def run_plan(args: argparse.Namespace, cfg) -> int:
+    from dinov2.distributed.plan import format_plan
+
+    try:
+        if args.world_size < 1 or args.gpus_per_node < 1 or args.gpu_memory_gib <= 0:
+            raise ConfigError("--world-size, --gpus-per-node and --gpu-memory-gib must be positive")
+        try:
+            sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            raise ConfigError(f"--batch-sizes {args.batch_sizes!r}: give integers separated by commas") from None
+        if any(b < 1 for b in sizes):
+            raise ConfigError("--batch-sizes must be positive")
+        text, _ = format_plan(cfg, args.world_size, args.gpus_per_node, args.gpu_memory_gib, sizes, args.config)
+    except ConfigError as e:
+        print(f"dinov2-train: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dinov2-train: error: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        return run_plan(args, cfg)
     from dinov2.distributed.env import read_env
     from dinov2.train.trainer import NonFiniteLossError, train
 

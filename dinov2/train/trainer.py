@@ -23,7 +23,9 @@ from dinov2.config import Amp, Config, ConfigError, to_yaml
 from dinov2.data import build_train_loader
 from dinov2.distributed.comm import all_reduce_sum_, world_size
 from dinov2.distributed.env import DistEnv, distributed_session
-from dinov2.distributed.parallelize import parallelize
+from dinov2.distributed.mesh import build_mesh
+from dinov2.distributed.meta_init import check_no_full_copy, materialize, on_meta
+from dinov2.distributed.parallelize import parallelize, should_shard
 from dinov2.distributed.stop import StopRequest
 from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.clipping import clip_gradients
@@ -76,19 +78,30 @@ def autocast_context(cfg: Config, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
-def build_meta_arch(cfg: Config, device: torch.device) -> SSLMetaArch:
-    """The meta-architecture for ``cfg``: self-supervised, distillation when ``cfg.distill.enabled``, or the
+def construct_meta_arch(cfg: Config, teacher=None) -> SSLMetaArch:
+    """The meta-architecture for ``cfg`` on the meta device (shapes, no storage; see
+    ``dinov2.distributed.meta_init``): self-supervised, distillation when ``cfg.distill.enabled``, or the
     copy detector of ``train.objective=copy_detection``. The one place the objective is chosen: the
-    meta-architecture also names its data transform (``train_transform``), so the loop stays generic."""
+    meta-architecture also names its data transform (``train_transform``), so the loop stays generic.
+    A distillation ``teacher`` (loaded, possibly sharded) is given or loaded here, outside the meta device."""
     if cfg.train.objective == "copy_detection":
         from dinov2.train.copy_detection import CopyDetectionMetaArch
 
-        return CopyDetectionMetaArch(cfg).to(device)
+        return on_meta(lambda: CopyDetectionMetaArch(cfg))
     if cfg.distill.enabled:
-        from dinov2.distill.meta_arch import build_distill_meta_arch
+        from dinov2.distill.meta_arch import DistillMetaArch, load_teacher
 
-        return build_distill_meta_arch(cfg).to(device)
-    return SSLMetaArch(cfg).to(device)
+        loaded = teacher if teacher is not None else load_teacher(cfg)
+        return on_meta(lambda: DistillMetaArch(cfg, loaded))
+    return on_meta(lambda: SSLMetaArch(cfg))
+
+
+def build_meta_arch(cfg: Config, device: torch.device) -> SSLMetaArch:
+    """The meta-architecture for ``cfg``, unsharded on ``device``, with the run's initial weights (keyed by
+    ``train.seed``: the same as every rank of a sharded run starts from, ``dinov2.layers.init``)."""
+    model = construct_meta_arch(cfg)
+    materialize(model, device, cfg.train.seed)
+    return model
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -129,12 +142,22 @@ class Training:
 
 
 def build_training(cfg: Config, env: DistEnv, device: torch.device) -> Training:
-    """Model → activation checkpointing, backend resolution, compilation, sharding (``parallelize``) →
-    optimizer over the sharded parameters, seeded as the trainer seeds them. The benchmarks call this too,
-    so what they time is what trains."""
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank: FSDP shards them as they are
-    model = build_meta_arch(cfg, device)
-    parallelize(model, cfg.distributed, env, device)
+    """Model on the meta device → activation checkpointing, backend resolution, compilation, sharding
+    over the mesh (``parallelize``) → each rank's shards materialised and initialised
+    (``dinov2.distributed.meta_init``; a distillation teacher loaded shard by shard) → optimizer over the
+    sharded parameters. The benchmarks call this too, so what they time is what trains."""
+    torch.manual_seed(cfg.train.seed)
+    teacher, mesh = None, None
+    if cfg.distill.enabled and cfg.train.objective != "copy_detection" and should_shard(cfg.distributed, env):
+        from dinov2.distributed.teacher_load import load_teacher_sharded
+
+        mesh = build_mesh(cfg.distributed.mesh, env, device)
+        teacher = load_teacher_sharded(cfg, mesh, device)
+    model = construct_meta_arch(cfg, teacher)
+    mesh = parallelize(model, cfg.distributed, env, device, mesh)
+    materialize(model, device, cfg.train.seed)
+    if mesh is not None:
+        check_no_full_copy(model)
     torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank stream for stochastic depth
     optimizer = make_optimizer(model, cfg, device)
     return Training(model, optimizer, cfg, device)

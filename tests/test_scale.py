@@ -1,0 +1,266 @@
+"""Scaling out: keyed initialisation on the meta device, the HSDP mesh, the memory plan.
+
+Fast tests run in this process (keyed rows invariant to how a parameter is cut, keyed vs eager
+distributions, world size 1 with FSDP ≡ unsharded, mesh shapes, ``--plan``). The multi-process tests
+share one module fixture of three real runs (gloo, CPU, fp32 parameters, no iBOT masks / KoLeo /
+stochastic depth, which are per rank batch by design), global batch 8, 3 AdamW steps:
+
+* ``four``: 4 processes as a 2×2 HSDP mesh (replicate 2 × shard 2), 2 images each;
+* ``two``: 2 processes on a 1-D mesh, 4 images each, resuming ``four``'s step-2 checkpoint;
+* ``one``: 1 process, 8 images, no sharding.
+
+Each multi-process run also dumps its gathered step-0 state and, per rank, its local tensor sizes and
+the bytes of its real parameter / gradient / AdamW shards next to ``dinov2.distributed.plan``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_config import TINY
+
+from dinov2.config import ConfigError, MeshConfig, load_config
+from dinov2.distributed.env import distributed_session
+from dinov2.distributed.mesh import mesh_shape
+from dinov2.distributed.plan import build_shapes, local_numel, state_bytes
+from dinov2.layers.init import EAGER, GROUP_NUMEL, KeyedInit, keyed_rows
+from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.trainer import build_meta_arch, build_training, train
+
+TESTS = Path(__file__).resolve().parent
+STEPS = 3
+ATOL = 1e-5  # max |param| difference after STEPS fp32 steps (the sums are only reordered)
+
+
+# ------------------------------------------------------------------------------------- keyed init
+@pytest.mark.parametrize("shape", [(), (5,), (10, 7), (3, GROUP_NUMEL // 1000 + 1, 1000), (2 * GROUP_NUMEL + 3,)])
+def test_keyed_rows_do_not_depend_on_how_the_parameter_is_cut(shape):
+    def sample(t, g):
+        torch.nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04, generator=g)
+
+    rows = shape[0] if shape else 1
+    whole = keyed_rows(7, "net/w", shape, 0, rows, sample)
+    assert whole.shape == (shape if shape else (1,))
+    for shards in (2, 3, 4, 5):
+        chunk = -(-rows // shards)
+        parts = [
+            keyed_rows(7, "net/w", shape, min(i * chunk, rows), min((i + 1) * chunk, rows), sample)
+            for i in range(shards)
+        ]
+        assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(keyed_rows(8, "net/w", shape, 0, rows, sample), whole)  # the seed matters
+    if rows > 1:
+        assert not torch.equal(keyed_rows(7, "net/v", shape, 0, rows, sample), whole)  # and the name
+
+
+def test_keyed_init_follows_the_eager_distributions():
+    """Same constants exactly; same spread (std within 10 %) for every random parameter; the head's truncation."""
+    cfg = load_config("train/demo", TINY)
+    model = build_meta_arch(cfg, torch.device("cpu"))  # keyed
+    from dinov2.train.meta_arch import SSLMetaArch
+
+    torch.manual_seed(0)
+    plain = SSLMetaArch(cfg)  # eager: the modules' reset_parameters() at construction
+    keyed = dict(model.student.named_parameters())
+    checked = 0
+    for name, p in plain.student.named_parameters():
+        k = keyed[name]
+        if p.numel() > 1 and p.std() == 0:
+            assert torch.equal(k, p), name  # constants (LayerNorm, LayerScale, biases, mask token)
+            continue
+        if p.numel() >= 256:
+            assert abs(k.std().item() / p.std().item() - 1) < 0.1, name
+            checked += 1
+    assert checked >= 8
+    head = model.student.dino_head.mlp[0].weight  # trunc-normal, std 1/sqrt(fan_in), cut at 2 std
+    assert head.abs().max() <= 2 * head.shape[1] ** -0.5 and head.abs().max() > 1.5 * head.shape[1] ** -0.5
+    assert torch.equal(model.teacher.backbone.pos_embed, model.student.backbone.pos_embed)  # teacher = student
+
+
+def test_every_parameter_is_initialised_exactly_once():
+    cfg = load_config("train/demo", TINY + ["loss.ibot_separate_head=true", "model.num_register_tokens=2"])
+    model = build_meta_arch(cfg, torch.device("cpu"))
+    init = KeyedInit.for_module(0, model.student, "student")
+    from dinov2.distributed.meta_init import init_network
+
+    init_network(model.student, init)
+    assert sorted(init.filled) == sorted(init.names.values())
+    EAGER.zeros_(model.student.backbone.mask_token)  # the eager filler writes in place
+    assert not model.student.backbone.mask_token.any()
+
+
+def test_fsdp_at_world_size_one_starts_from_the_unsharded_weights():
+    cfg = load_config("train/demo", TINY + ["distributed.param_dtype=fp32"])
+    plain = build_meta_arch(cfg, torch.device("cpu")).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    fsdp = load_config("train/demo", TINY + ["distributed.param_dtype=fp32", "distributed.fsdp=true"])
+    with distributed_session("gloo", always=True) as env:
+        training = build_training(fsdp, env, torch.device("cpu"))
+        assert all(hasattr(p, "to_local") for p in training.model.parameters())
+        full = get_model_state_dict(training.model, options=StateDictOptions(full_state_dict=True))
+    assert full.keys() == plain.keys()
+    for key, value in plain.items():
+        assert torch.equal(full[key], value), key
+    other = build_meta_arch(load_config("train/demo", TINY + ["train.seed=1"]), torch.device("cpu")).state_dict()
+    assert not torch.equal(other["student.backbone.pos_embed"], plain["student.backbone.pos_embed"])
+
+
+# -------------------------------------------------------------------------------------------- mesh
+def test_mesh_shape_defaults_and_errors():
+    assert mesh_shape(MeshConfig(), 64, 8) == (8, 8)  # several nodes: shard in a node, replicate across
+    assert mesh_shape(MeshConfig(), 8, 8) == (1, 8)  # one node: full sharding
+    assert mesh_shape(MeshConfig(), 4, 4) == (1, 4)
+    assert mesh_shape(MeshConfig(), 1, 1) == (1, 1)
+    assert mesh_shape(MeshConfig(replicate=2), 8, 8) == (2, 4)
+    assert mesh_shape(MeshConfig(shard=16), 64, 8) == (4, 16)
+    assert mesh_shape(MeshConfig(replicate=2, shard=2), 4, 4) == (2, 2)
+    with pytest.raises(ConfigError, match="does not tile"):
+        mesh_shape(MeshConfig(replicate=3), 8, 8)
+    with pytest.raises(ConfigError, match="does not tile"):
+        mesh_shape(MeshConfig(replicate=2, shard=2), 8, 8)
+    with pytest.raises(ConfigError, match="positive"):
+        mesh_shape(MeshConfig(shard=0), 8, 8)
+
+
+# -------------------------------------------------------------------------------------------- plan
+def test_plan_counts_every_parameter_of_the_real_model():
+    cfg = load_config("train/demo", TINY + ["loss.ibot_separate_head=true"])
+    nets = {n.name: n for n in build_shapes(cfg)}
+    model = build_meta_arch(cfg, torch.device("cpu"))
+    for name, network in model.networks().items():
+        assert nets[name].numel() == sum(p.numel() for p in network.parameters())
+    # one shard holds everything; S shards partition every parameter's elements exactly
+    student = nets["student"]
+    for shards in (1, 2, 3, 5):
+        assert sum(student.local(shards, i) for i in range(shards)) == student.numel()
+    assert local_numel((5, 3), 4, 0) == 6 and local_numel((5, 3), 4, 2) == 3 and local_numel((5, 3), 4, 3) == 0
+    state = state_bytes(list(nets.values()), cfg, 1)
+    assert state.student_params == 4 * student.numel() and state.optimizer == 8 * student.numel() + 4 * len(
+        student.shapes
+    )
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
+    cmd = [sys.executable, "-m", "dinov2.train.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_plan_cli_vitg_at_64_gpus_and_bad_input():
+    proc = _cli("--plan", "--config", "train/vitg14", "--world-size", "64", "--batch-sizes", "8,16")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "mesh replicate 8 × shard 8" in out and "student 1252.0 M" in out
+    assert "all-gather 6.13 (bf16), reduce-scatter 4.09 (fp32), all-reduce across replicas 1.02" in out
+    assert "<- config" in out and "fits in 80 GiB" in out
+    bad = _cli("--plan", "--config", "train/vitg14", "--world-size", "64", "distributed.mesh.replicate=3")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("dinov2-train: error: distributed.mesh")
+
+
+# ----------------------------------------------------------------------- multi-process runs (gloo)
+COMMON = TINY + [
+    f"train.max_iterations={STEPS}",
+    "train.checkpoint_every=1",
+    f"train.keep_last_checkpoints={STEPS}",
+    "train.export_teacher=false",
+    "eval.final_knn=false",
+    "data.masks.mask_probability=0",
+    "loss.koleo_weight=0",
+    "model.drop_path_rate=0",
+    "distributed.param_dtype=fp32",
+    "optim.warmup_epochs=0.125",
+]
+
+
+def _torchrun(nproc: int, out: Path, resume_from: str, overrides: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += [str(TESTS / "scale_worker.py"), str(out), str(STEPS), resume_from, *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS.parent))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    four = root / "four"
+    _torchrun(4, four, "-", COMMON + ["data.batch_size_per_gpu=2", "distributed.mesh.replicate=2"])
+    # the 2-process run resumes the 2x2 run's step-2 checkpoint (its later ones removed)
+    partial = root / "four_at_2"
+    shutil.copytree(four / "run", partial)
+    shutil.rmtree(partial / "checkpoints" / f"ckpt_{STEPS:08d}")
+    two = root / "two"
+    _torchrun(2, two, str(partial), COMMON + ["data.batch_size_per_gpu=4"])
+    one = root / "one"
+    cfg = load_config("train/demo", COMMON + [f"train.output_dir={one / 'run'}"])
+    train(cfg)
+    torch.save(build_meta_arch(cfg, torch.device("cpu")).state_dict(), root / "one_step0.pt")
+    return {"root": root, "four": four, "two": two, "one": one, "cfg": cfg}
+
+
+def _final(cfg, run: Path) -> dict[str, torch.Tensor]:
+    model = build_meta_arch(cfg, torch.device("cpu"))
+    CheckpointManager(run / "checkpoints").load(run / "checkpoints" / f"ckpt_{STEPS:08d}", model, None)
+    return model.state_dict()
+
+
+def _max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_step0_weights_are_bit_identical_at_1_2_and_4_processes(runs):
+    one = torch.load(runs["root"] / "one_step0.pt", weights_only=True)
+    for name in ("two", "four"):
+        other = torch.load(runs[name] / "step0.pt", weights_only=True)
+        assert other.keys() == one.keys()
+        for key in one:
+            assert torch.equal(other[key], one[key]), (name, key)
+
+
+@pytest.mark.slow
+def test_no_rank_holds_a_full_network_and_the_plan_bytes_are_exact(runs):
+    for name, ranks, mesh in (("four", 4, [2, 2]), ("two", 2, [2])):
+        for rank in range(ranks):
+            record = json.loads((runs[name] / f"rank{rank}.json").read_text())
+            assert record["mesh"] == mesh
+            for network, (local, full) in record["sizes"].items():
+                assert local < full, (name, rank, network)  # sharded: every rank holds a part only
+            assert record["actual"] == record["plan"], (name, rank)
+
+
+@pytest.mark.slow
+def test_hsdp_2x2_trains_like_one_process(runs):
+    from dinov2.train.metrics import read_metrics
+
+    cfg = runs["cfg"]
+    diff = _max_diff(_final(cfg, runs["four"] / "run"), _final(cfg, runs["one"] / "run"))
+    print(f"max |param(2x2 HSDP) - param(1 process)| after {STEPS} steps: {diff:.3g}")
+    assert diff <= ATOL
+    four, one = (read_metrics(runs[n] / "run" / "metrics.jsonl") for n in ("four", "one"))
+    assert [r["iteration"] for r in four] == [r["iteration"] for r in one] == list(range(STEPS))
+    for a, b in zip(four, one, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+    init = torch.load(runs["root"] / "one_step0.pt", weights_only=True)
+    moved = _max_diff(_final(cfg, runs["one"] / "run"), init)
+    print(f"max |param change| over the {STEPS} steps: {moved:.3g}")
+    assert moved > 1e-4 and moved > 100 * diff  # the comparison is not vacuous
+
+
+@pytest.mark.slow
+def test_resume_on_another_mesh(runs):
+    """The 2x2 run's step-2 checkpoint, resumed by 2 processes on a 1-D mesh, ends where 1 process does."""
+    cfg = runs["cfg"]
+    diff = _max_diff(_final(cfg, runs["two"] / "run"), _final(cfg, runs["one"] / "run"))
+    print(f"max |param(2x2 → 2 resumed) - param(1 process)| after {STEPS} steps: {diff:.3g}")
+    assert diff <= ATOL
