@@ -18,11 +18,8 @@ from torch import Tensor, nn
 
 from dinov2.layers import AttentionDispatcher, Block, LayerScale, PatchEmbed
 from dinov2.layers.attention import prepare_attention
-<<<<<<< HEAD
-from dinov2.models.pos_embed import interpolate_pos_embed
-=======
 from dinov2.layers.init import EAGER, Init
->>>>>>> scale
+from dinov2.models.pos_embed import interpolate_pos_embed
 
 
 @dataclass(frozen=True)
