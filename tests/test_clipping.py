@@ -10,14 +10,14 @@ import torch
 from tiny_config import TINY
 
 from dinov2.config import load_config
-from dinov2.models import vision_transformer
+from dinov2.models import create_vit
 from dinov2.train.clipping import clip_gradients, clipped_modules
 from dinov2.train.meta_arch import Network, build_heads
 
 
 def _network(separate_ibot: bool = True) -> Network:
     torch.manual_seed(0)
-    backbone = vision_transformer("vit_small", img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    backbone = create_vit("vit_small", img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
     cfg = load_config(
         None,
         [f"{h}.{k}={v}" for h in ("dino_head", "ibot_head") for k, v in (("out_dim", 8), ("hidden_dim", 8))]
