@@ -7,6 +7,9 @@ nothing written.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from tiny_config import TINY
 from dinov2.config import load_config
 from dinov2.models.pos_embed import interpolate_pos_embed
 from dinov2.train.cli import main
-from dinov2.train.init_from import init_from_run, read_weights
+from dinov2.train.init_from import init_from_run, read_weights, resample_pos_embeds
 from dinov2.train.trainer import build_meta_arch
 
 PHASE1 = [
@@ -64,9 +67,13 @@ def test_high_resolution_phase_starts_from_the_run_and_exports(first_run, tmp_pa
             assert torch.equal(state[key], value), key
     assert not torch.equal(saved["student.dino_head.mlp.0.weight"], saved["teacher.dino_head.mlp.0.weight"])
 
-    assert main(["--config", "train/demo", "--init-from", str(first_run), *overrides]) == 0
+    # the teacher held still (EMA momentum 1): the phase's exported teacher is the run's, resampled
+    frozen_teacher = ["optim.momentum_teacher=1.0", "optim.final_momentum_teacher=1.0"]
+    assert main(["--config", "train/demo", "--init-from", str(first_run), *overrides, *frozen_teacher]) == 0
     exported = load_file(str(phase / "teacher_backbone.safetensors"))
     assert exported["pos_embed"].shape == (1, 65, 32)
+    for key, value in exported.items():
+        assert torch.equal(value, state[f"teacher.backbone.{key}"]), key
     assert "init_from: " + str(first_run) in (phase / "config.yaml").read_text()
     assert "finished 2 iterations" in capsys.readouterr().out
 
@@ -135,3 +142,23 @@ def test_a_started_phase_resumes_without_reading_the_source_again(first_run, tmp
     finally:
         gone.rename(first_run)
     assert (phase / "checkpoints" / "ckpt_00000002").is_dir()
+
+
+@pytest.mark.slow
+def test_phase_under_fsdp_on_two_ranks_loads_the_same_weights(first_run, tmp_path):
+    """The full tensors read from the checkpoint are sharded onto 2 gloo ranks (FSDP2): the exported teacher,
+    held still, is the run's resampled teacher bit for bit."""
+    phase = tmp_path / "run32"
+    args = [
+        *TINY, *PHASE2, "data.batch_size_per_gpu=4", "distributed.fsdp=true", "distributed.param_dtype=fp32",
+        "train.max_iterations=1", "optim.momentum_teacher=1.0", "optim.final_momentum_teacher=1.0",
+        f"train.output_dir={phase}",
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "dinov2.train.cli", "--config", "train/demo", "--init-from", str(first_run), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = resample_pos_embeds(read_weights(first_run / "checkpoints" / "ckpt_00000002"), 8, "ours")
+    for key, value in load_file(str(phase / "teacher_backbone.safetensors")).items():
+        assert torch.equal(value, saved[f"teacher.backbone.{key}"]), key

@@ -145,6 +145,15 @@ def test_hf_mode_is_transformers_interpolation():
             tokens = torch.zeros(1, 1 + h * w, 32)
             expected = hf.embeddings.interpolate_pos_encoding(tokens, h * PATCH, w * PATCH)
             assert torch.equal(interpolate_pos_embed(model.pos_embed, h, w, "hf"), expected), (h, w)
+    # HF's with-registers model antialiases, as the released *_reg models: reference_reg
+    with_regs = tiny(registers=4)
+    config = transformers.Dinov2WithRegistersConfig(**hf_config_kwargs(with_regs))
+    hf_regs = transformers.Dinov2WithRegistersModel(config).eval()
+    with torch.no_grad():
+        hf_regs.embeddings.position_embeddings.copy_(with_regs.pos_embed)
+        for h, w in ((16, 16), (7, 10)):
+            expected = hf_regs.embeddings.interpolate_pos_encoding(torch.zeros(1, 1 + h * w, 32), h * PATCH, w * PATCH)
+            assert torch.equal(interpolate_pos_embed(with_regs.pos_embed, h, w, "reference_reg"), expected), (h, w)
 
 
 def test_timm_mode_is_timm_resampling():

@@ -72,8 +72,8 @@ class MultiCropAugmentation:
         def colour(size: int, blur_p: float, solarize_p: float = 0.0) -> v2.Transform:
             jitter = v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
             kernel = blur_kernel_size(size, max(cfg.blur_sigma), cfg.blur_as_released)
-            # torchvision's v1 GaussianBlur, the reference's class: v2's rounds ties of uint8 pixels the other
-            # way (one level, a few pixels in a thousand crops); same σ draw from the global RNG
+            # torchvision's v1 GaussianBlur, the reference's class: v2's rounds exact .5 ties of uint8 pixels
+            # the other way (one level, rarely: once in 1200 crops of 16 px); the same σ draw from the global RNG
             blur = GaussianBlur(kernel, sigma=tuple(cfg.blur_sigma))
             return v2.Compose(
                 [
