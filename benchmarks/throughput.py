@@ -150,7 +150,7 @@ def synthetic_batch(cfg: Any, batch_size: int, device: torch.device, seed: int) 
     """Random crops and real iBOT block masks, in the trainer's batch layout, on ``device``."""
     import numpy as np
 
-    from dinov2.data.gpu_augmentations import batch_masks
+    from dinov2.data.collate import batch_masks
 
     c = cfg.data.crops
     gen = torch.Generator().manual_seed(seed)

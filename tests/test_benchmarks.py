@@ -116,7 +116,7 @@ def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench, shared
 )
 def test_analytic_step_flops_equal_the_flop_counter(bench, overrides):
     from dinov2.config import load_config
-    from dinov2.data.gpu_augmentations import batch_masks
+    from dinov2.data.collate import batch_masks
     from dinov2.train.meta_arch import SSLMetaArch
 
     cfg = load_config(

@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dinov2.config import CropsConfig
 from dinov2.data.augmentations import MultiCropAugmentation, blur_kernel_size
-from dinov2.data.gpu_augmentations import GPUMultiCrop, device_generator
+from dinov2.data.gpu import GPUMultiCrop, device_generator
 from dinov2.data.seeding import seeded_torch_rng
 
 SIZE = 16

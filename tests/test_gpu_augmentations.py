@@ -1,4 +1,4 @@
-"""Batched multi-crop augmentation on the device (dinov2.data.gpu_augmentations): shapes, the same
+"""Batched multi-crop augmentation on the device (dinov2.data.gpu): shapes, the same
 operations and parameters as the CPU path (checked against torchvision's functional ops), the per-view
 probabilities, determinism, the batch layout the trainer consumes, and the device stream."""
 
@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from dinov2.config import CropsConfig, MaskConfig, load_config
 from dinov2.data.augmentations import blur_kernel_size
 from dinov2.data.collate import collate_multicrop
-from dinov2.data.gpu_augmentations import (
+from dinov2.data.gpu import (
     GPUMultiCrop,
     GPUTrainLoader,
     adjust_brightness,

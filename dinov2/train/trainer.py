@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dinov2.config import Amp, Config, ConfigError, to_yaml
-from dinov2.data import build_train_loader
+from dinov2.data import TrainBatches, build_train_loader
 from dinov2.distributed.comm import all_reduce_sum_, world_size
 from dinov2.distributed.env import DistEnv, distributed_session
 from dinov2.distributed.mesh import build_mesh
@@ -193,7 +193,9 @@ def train_step(
     return step.parts
 
 
-def build_loader(cfg: Config, env: DistEnv, device: torch.device, start_iteration: int, transform: Any = None):
+def build_loader(
+    cfg: Config, env: DistEnv, device: torch.device, start_iteration: int, transform: Any = None
+) -> TrainBatches:
     """The training batches of this rank: PIL/torchvision workers (``data.pipeline=cpu``) or batched
     augmentation of a decoded uint8 dataset on the device (``data.pipeline=gpu``). ``transform``: the
     meta-architecture's per-image transform (None: multi-crop)."""
@@ -207,7 +209,7 @@ def build_loader(cfg: Config, env: DistEnv, device: torch.device, start_iteratio
     if cfg.data.pipeline == "cpu":
         return build_train_loader(cfg.data, transform=transform, **common)
     if cfg.data.pipeline == "gpu":
-        from dinov2.data.gpu_augmentations import build_gpu_train_loader
+        from dinov2.data.gpu import build_gpu_train_loader
 
         return build_gpu_train_loader(cfg.data, device=device, **common)
     raise ConfigError(f"unknown data.pipeline '{cfg.data.pipeline}' (expected cpu or gpu)")
