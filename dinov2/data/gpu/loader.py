@@ -47,8 +47,8 @@ def collate_gpu(
     ``num_skipped = 0``, ``skipped_paths = []``), every tensor on the images' device.
 
     ``positions`` (a CPU tensor or sequence) are the samples' stream positions: the first one seeds
-    the augmentation generator and, unless ``masks`` (from :func:`batch_masks`) are given, the masks
-    — with the CPU path's seed, so both pipelines mask a batch identically.
+    the augmentation generator and, unless ``masks`` (from :func:`~dinov2.data.collate.batch_masks`)
+    are given, the masks — with the CPU path's seed, so both pipelines mask a batch identically.
     """
     device = images.device
     positions = torch.as_tensor(positions, dtype=torch.long)
@@ -72,7 +72,6 @@ def collate_gpu(
     }
 
 
-# ---------------------------------------------------------------------------------- the stream
 class _BatchMasks(torch.utils.data.Dataset):
     """Item ``p``: the masks of the batch whose first sample is at stream position ``p``."""
 
