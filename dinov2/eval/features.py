@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dinov2.eval.gather import all_gather_stacked, rank_and_world
+from dinov2.distributed.comm import rank_and_world
+from dinov2.eval.gather import all_gather_stacked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
