@@ -22,7 +22,6 @@ k-NN-vs-epoch curves as PNG (and JSON) in ``--output-dir``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
 
 import torch  # noqa: E402
 
-from benchmarks.devices import resolve_device, run_header, synchronize  # noqa: E402
+from benchmarks.devices import amp_context, resolve_device, run_header, synchronize  # noqa: E402
 from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +86,7 @@ def tensor_features(
     device = images.device
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = amp_context(device)
     was_training = backbone.training
     backbone.eval()
     out = []

@@ -3,19 +3,18 @@ and the header (date, device, versions) printed above every table."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 
 import torch
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    """``dinov2.device.resolve_device``, refusing a CUDA device that is not there."""
+    from dinov2.device import resolve_device as library_resolve
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here (use --device cpu --tiny for the CI version)")
-    return device
+    return library_resolve(name)
 
 
 def synchronize(device: torch.device) -> None:
@@ -43,9 +42,9 @@ def run_header(device: torch.device) -> dict[str, str]:
 
 def amp_context(device: torch.device, dtype: torch.dtype = torch.bfloat16):
     """bf16 autocast on CUDA; fp32 on CPU (what the trainer does)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+    from dinov2.device import autocast
+
+    return autocast(device, dtype if device.type == "cuda" else None)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

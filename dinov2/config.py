@@ -301,6 +301,12 @@ class Amp(StrEnum):
     none = "none"
 
 
+#: ``--device`` / ``train.device`` / ``embed.device`` (``dinov2.device.resolve_device``)
+DeviceName = Literal["auto", "cpu", "cuda"]
+#: evaluation's and curation's autocast choice (``dinov2.device.amp_dtype``); training has :class:`Amp`
+AmpName = Literal["auto", "bf16", "fp16", "none"]
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/run"
@@ -310,7 +316,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last_checkpoints: int = 2
     amp: Amp = Amp.bf16  # autocast dtype on GPU: bf16 | none (CPU always runs fp32); fp16 is not offered (Amp)
-    device: str = "auto"  # auto | cpu | cuda
+    device: DeviceName = "auto"
     progress: bool = True
     tensorboard: bool = True
     export_teacher: bool = True  # export the final backbone(s) as safetensors (the students when distilling)

@@ -57,7 +57,7 @@ def cross_entropy2(p, logits, temp):
 
 
 def test_comm_single_process_is_noop():
-    assert not comm.is_dist()
+    assert not comm.is_distributed()
     assert comm.world_size() == 1
     t = torch.tensor([1.0, -2.0])
     assert comm.all_reduce_sum_(t) is t
@@ -417,7 +417,7 @@ def _dist_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         sk, padded, centre = _dist_inputs()
-        result = {"is_dist": comm.is_dist(), "world_size": comm.world_size()}
+        result = {"is_dist": comm.is_distributed(), "world_size": comm.world_size()}
         # 1. Plain halves: rank 0 rows 0..3, rank 1 rows 4..7.
         sk_mod = Centering(16, sk_iterations=3)
         result["sk"] = sk_mod(sk[4 * rank : 4 * rank + 4], TEMP)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinov2.eval.gather import all_gather_stacked, all_reduce_int, is_distributed
+from dinov2.distributed.comm import is_distributed
+from dinov2.eval.gather import all_gather_stacked, all_reduce_int
 from dinov2.eval.topk import merge_topk, running_topk
 
 DEFAULT_KS = (10, 20, 100, 200)

@@ -8,7 +8,6 @@ while frozen) → EMA teacher update.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -21,6 +20,7 @@ import torch
 
 from dinov2.config import Amp, Config, ConfigError, to_yaml
 from dinov2.data import TrainBatches, build_train_loader
+from dinov2.device import autocast, resolve_device
 from dinov2.distributed.comm import all_reduce_sum_, world_size
 from dinov2.distributed.env import DistEnv, distributed_session
 from dinov2.distributed.mesh import build_mesh
@@ -62,20 +62,10 @@ def total_iterations(cfg: Config) -> int:
     return cfg.optim.epochs * cfg.optim.epoch_length
 
 
-def resolve_device(name: str, env: DistEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", env.local_rank)
-    return torch.device(name)
-
-
 def autocast_context(cfg: Config, device: torch.device):
     """bf16 autocast on CUDA (``train.amp=bf16``), none otherwise. fp16 is not offered (``Amp``): it would
     need loss scaling, and bf16 has fp32's exponent range on every GPU this recipe targets."""
-    if device.type != "cuda" or cfg.train.amp == Amp.none:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+    return autocast(device, torch.bfloat16 if device.type == "cuda" and cfg.train.amp == Amp.bf16 else None)
 
 
 def construct_meta_arch(cfg: Config, teacher=None) -> SSLMetaArch:
@@ -224,7 +214,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> TrainResult:
 
 def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
-    device = resolve_device(cfg.train.device, env)
+    device = resolve_device(cfg.train.device, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.is_main:
