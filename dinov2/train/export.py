@@ -4,6 +4,7 @@ Read them back with :func:`dinov2.eval.backbone_io.load_backbone` (weights + the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -28,5 +29,13 @@ def export_backbone(backbone: nn.Module, path: str | Path, env: DistEnv) -> Path
     if env.is_main:
         tmp = path.with_suffix(path.suffix + ".tmp")
         save_file(state, str(tmp), metadata={"format": "dinov2-train backbone"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; the run's other files follow the umask
         tmp.replace(path)
     return path
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then put back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
