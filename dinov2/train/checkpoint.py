@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException  # a BaseException: `except Exception` misses it
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -134,11 +135,12 @@ def state_is_finite(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()[:300]
-    return type(error).__name__
+    """The gist of ``error`` in one line; for DCP's per-rank wrapper, the underlying error (its last line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = lines[-1] if isinstance(error, CheckpointException) else lines[0]
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 class CheckpointManager:
@@ -199,8 +201,9 @@ class CheckpointManager:
                 state = self.load(path, model, optimizer)
                 if not state_is_finite(model, optimizer):
                     raise NonFiniteStateError("it holds non-finite values")
-            except Exception as error:  # any defect of one checkpoint: say which and why, try the previous one
-                reason = f"{type(error).__name__}: {_first_line(error)}"
+            except (Exception, CheckpointException) as error:  # any defect: say which and why, try the previous one
+                gist = _first_line(error)  # DCP's wrapper: already "RuntimeError: …" of the underlying error
+                reason = gist if isinstance(error, CheckpointException) else f"{type(error).__name__}: {gist}"
                 failures.append(f"{path} ({reason})")
                 logger.warning("cannot resume from %s (%s); it is kept as it is, trying the previous one", path, reason)
                 continue
