@@ -65,7 +65,9 @@ def test_overlay_png(tmp_path, monkeypatch, with_matplotlib):
         STD
     )[:, None, None]
     maps = attention_maps(model, images)
-    path = save_attention_overlays(images, maps, tmp_path / "sub" / "attn.png", MEAN, STD, panel_size=64, gap=2, labels=False)
+    path = save_attention_overlays(
+        images, maps, tmp_path / "sub" / "attn.png", MEAN, STD, panel_size=64, gap=2, labels=False
+    )
     assert path.is_file() and path.stat().st_size > 5_000
     with Image.open(path) as png:
         assert png.size == (4 * 64 + 3 * 2, 4 * 64 + 3 * 2)  # columns: image, 2 heads, mean; rows: 4 images

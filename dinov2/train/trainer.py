@@ -221,9 +221,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
     last_checkpoint = resumed.path if resumed is not None else None
 
     loader = build_loader(cfg, env, device, start, transform=model.train_transform())
-    metrics = MetricsWriter(
-        output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard, start_iteration=start
-    )
+    metrics = MetricsWriter(output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard, start_iteration=start)
     result = TrainResult(output_dir=output_dir, iterations=start)
     progress = _progress_bar(cfg, env, start, total)
     model.train()
