@@ -131,6 +131,21 @@ def test_folder_with_train_and_val_subfolders_scores_on_val(tiny_run, shared_dat
     assert (knn["num_train"], knn["num_test"]) == (12, 6) and "queries" not in knn
 
 
+def test_split_folder_without_the_named_split_is_one_line(tiny_run, shared_data, tmp_path, capsys):
+    """Old: the whole folder was read, its ``train``/``val`` sub-folders became the two classes."""
+    root = tmp_path / "labelled"
+    write_photo_folder(shared_data, root / "train", per_class=2)
+    write_photo_folder(shared_data, root / "val", per_class=1, split="test")
+    args = ["knn", "--checkpoint", str(tiny_run), "--dataset", f"folder:{root}", "--output-dir", str(tmp_path / "o")]
+    assert eval_main([*args, "--device", "cpu", "--no-progress"]) == 2  # the test side: no test/ sub-folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has the split sub-folder(s) train, val but no 'test'" in err[0]
+    run = tmp_path / "run"
+    overrides = [f"data.dataset.path={root}", f"train.output_dir={run}", "eval.final_knn=true"]
+    assert train_main(["--config", "train/demo", *TINY, *overrides]) == 2  # checked before any work
+    assert "no 'test'" in capsys.readouterr().err and not run.exists()
+
+
 def test_final_knn_on_a_folder_without_split_is_labelled_held_out(photos, tmp_path):
     """Old: printed "k-NN top-1 … on the held-out split" for the training images themselves."""
     cfg = load_config("train/demo", RUN + ["train.max_iterations=2", "eval.final_knn=true", "eval.knn_k=[3]",

@@ -84,11 +84,25 @@ def resolve_kind(cfg: DatasetConfig) -> str:
     return kind
 
 
+SPLIT_FOLDERS = ("train", "val", "validation", "test")  # sub-folder names that mark a folder as split
+
+
 def split_path(cfg: DatasetConfig, split: str) -> str:
-    """The path ``build_dataset(cfg, split)`` reads (``{split}`` replaced, a folder's split sub-folder)."""
+    """The path ``build_dataset(cfg, split)`` reads (``{split}`` replaced, a folder's split sub-folder).
+
+    A folder that has split sub-folders but none named ``split`` is an error (FileNotFoundError): reading
+    all of it would mix the splits, and their names would become the classes."""
     path = cfg.path.replace("{split}", split)
-    if cfg.kind == "folder" and "{split}" not in cfg.path and path and os.path.isdir(os.path.join(path, split)):
+    if cfg.kind != "folder" or "{split}" in cfg.path or not path or not os.path.isdir(path):
+        return path
+    if os.path.isdir(os.path.join(path, split)):
         return os.path.join(path, split)
+    present = [name for name in SPLIT_FOLDERS if os.path.isdir(os.path.join(path, name))]
+    if present:
+        raise FileNotFoundError(
+            f"{path} has the split sub-folder(s) {', '.join(present)} but no '{split}': name the splits to use "
+            f"(dinov2-eval: folder:{path}:{present[0]},{present[-1]}; training: data.dataset.split, eval.test_split)"
+        )
     return path
 
 

@@ -88,10 +88,24 @@ def resolve_dataset_kind(cfg: Config) -> None:
         data.kind = kind
 
 
+def check_splits(cfg: Config) -> None:
+    """ConfigError when a folder with split sub-folders lacks the training split (or the final k-NN's)."""
+    from dinov2.data.datasets import split_path
+
+    data = cfg.data.dataset
+    splits = [data.split] + ([cfg.eval.test_split] if cfg.eval.final_knn and not cfg.eval.test_path else [])
+    try:
+        for split in splits:
+            split_path(data, split)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+
+
 def preflight(cfg: Config) -> None:
     """Every check that needs no model or data loading (module docstring); ConfigError, nothing written."""
     validate(cfg)
     resolve_dataset_kind(cfg)
+    check_splits(cfg)
     check_run_dir(cfg)
 
 
