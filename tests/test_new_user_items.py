@@ -146,6 +146,7 @@ def test_split_folder_without_the_named_split_is_one_line(tiny_run, shared_data,
     assert "no 'test'" in capsys.readouterr().err and not run.exists()
 
 
+@pytest.mark.slow
 def test_final_knn_on_a_folder_without_split_is_labelled_held_out(photos, tmp_path):
     """Old: printed "k-NN top-1 … on the held-out split" for the training images themselves."""
     cfg = load_config("train/demo", RUN + ["train.max_iterations=2", "eval.final_knn=true", "eval.knn_k=[3]",
@@ -359,6 +360,7 @@ def test_local_crop_size_is_only_checked_with_local_crops():
     assert not [p for p in config_problems(cfg) if "local_crops_size" in p]
 
 
+@pytest.mark.slow
 def test_corrupt_image_counter_counts_files_not_skip_events(shared_data, tmp_path):
     """Old: every draw of a bad file counted (201 for 9 bad files)."""
     folder = tmp_path / "images"
