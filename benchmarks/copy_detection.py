@@ -143,10 +143,9 @@ def evaluate(x: np.ndarray, names: list[str], truth: dict[tuple[str, str], str],
 
 def load_image(path: Path) -> Any:
     """An RGB PIL image, read fully (the file is closed)."""
-    from PIL import Image
+    from dinov2.data.decode import decode_image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return decode_image(path)
 
 
 def tiny_image(images: list[Any], size: int = 8) -> np.ndarray:

@@ -327,7 +327,7 @@ def run_embed_bench(args: argparse.Namespace, table: list[Row]) -> dict[str, Any
     from data_curation.config import CurationConfig
     from data_curation.embed import run_embed
     from dinov2.config import Config, ModelConfig
-    from dinov2.data.base import decode_image
+    from dinov2.data.decode import decode_image
     from dinov2.eval import save_backbone
     from dinov2.eval.features import eval_transform
     from dinov2.models import build_backbone

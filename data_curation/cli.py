@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dinov2-curate``; returns the exit status."""
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.DEBUG:  # faiss's loader logs each CPU variant it could not load, at INFO
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown or not names:

@@ -109,7 +109,7 @@ class PackInput:
 def read_item(item: PackItem, verify: bool) -> tuple[bytes, str, int, dict[str, Any]]:
     """``(encoded image, extension, label, metadata)`` of ``item``; raises when it cannot be read
     (or, with ``verify``, decoded)."""
-    from dinov2.data.base import decode_image
+    from dinov2.data.decode import decode_image
     from dinov2.data.shard_index import IMAGE_EXTS
     from dinov2.data.shards import read_member, split_member_path
 

@@ -188,8 +188,9 @@ def _check_inputs(r: RetrieveConfig, n_pool: int, dim: int, query_dirs: list[Pat
 def _pool_clusters(pool: np.ndarray, r: RetrieveConfig, cfg: CurationConfig, out: Path) -> tuple[np.ndarray, ...]:
     """k-means of the pool for cluster-based retrieval: (centroids, labels, scores), saved in ``out``."""
     log.info("retrieve: k-means of the pool into %d clusters", r.n_clusters)
+    verbose = log.isEnabledFor(logging.DEBUG)  # faiss prints every k-means iteration
     centroids = train_kmeans(
-        pool, r.n_clusters, niter=r.niter, seed=r.seed, use_gpu=cfg.index.use_gpu, verbose=cfg.progress, init=r.init
+        pool, r.n_clusters, niter=r.niter, seed=r.seed, use_gpu=cfg.index.use_gpu, verbose=verbose, init=r.init
     )
     labels, score = assign(pool, centroids, use_gpu=cfg.index.use_gpu)
     save_npy(out / "pool_centroids.npy", centroids)

@@ -40,9 +40,13 @@ class PosEmbedInterpolation(StrEnum):
     ours = "ours"
 
 
+#: ``model.arch`` (the widths, depths and heads: dinov2.models.vision_transformer.ARCHS)
+Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"]
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
+    arch: Arch = "vit_small"
     patch_size: int = 14
     img_size: int = 224  # size the position embedding is learned at; other sizes interpolate
     in_chans: int = 3
@@ -77,9 +81,14 @@ class HeadConfig:
 
 
 # --------------------------------------------------------------------------------------------- data
+#: ``data.dataset.kind``; ``auto`` reads the path as what it looks like (dinov2.data.datasets.resolve_kind),
+#: as ``demo`` does when given a path
+DatasetKind = Literal["auto", "folder", "filelist", "manifest", "arrays", "demo", "blobs", "cifar10_blobs", "shards"]
+
+
 @dataclass
 class DatasetConfig:
-    kind: str = "folder"  # folder | filelist | manifest | arrays | demo | blobs (alias cifar10_blobs) | shards
+    kind: DatasetKind = "folder"  # see DatasetKind; blobs: byte blobs + offsets (alias cifar10_blobs)
     path: str = ""  # folder root, list/manifest file, .npz of arrays, blobs folder; "{split}" is replaced
     split: str = "train"  # for datasets that have splits (demo, blobs) or a "{split}" in path
     max_bad_fraction: float = 0.5  # stop if more than this fraction of samples fail to decode
@@ -278,9 +287,15 @@ class EvalConfig:
     knn_temperature: float = 0.07
     final_knn: bool = False  # run k-NN on the dataset's held-out split after training
     test_split: str = "test"  # the held-out split of data.dataset used by final_knn
+    test_path: str = ""  # final_knn: a second dataset (same kind as data.dataset) for the queries, e.g. a val folder
+    # final_knn / dinov2-eval when the train and test sides are the same images (a folder without splits):
+    # this fraction of them (a fixed draw) is held out of the memory bank as queries, and the score says so
+    holdout_fraction: float = 0.1
     batch_size: int = 256  # images per feature-extraction batch
-    resize: int | None = None  # eval transform: shorter side resized to this (None: keep), e.g. 256
-    crop: int | None = None  # eval transform: centre crop (None: none), e.g. 224
+    # eval transform: shorter side resized to `resize`, centre crop `crop`. None: the checkpoint's evaluation
+    # size, crop = data.crops.global_crops_size and resize = crop * 256 / 224 (the reference's ratio); 0: none
+    resize: int | None = None
+    crop: int | None = None
     linear_lrs: list[float] = field(
         default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
     )  # swept jointly, one head each; chosen on a held-out part of the train split
@@ -429,6 +444,94 @@ def resolve_config_path(path: str | Path) -> Path:
     if packaged.is_file():
         return packaged
     raise ConfigError(f"config file '{path}' not found (give a YAML path or a preset like 'train/vits14')")
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _writable_dir_problem(key: str, path: str) -> str | None:
+    """Why ``path`` cannot be (made) a writable directory, or None. Nothing is left behind: the probe file is
+    created in the nearest existing ancestor and removed (a real write, so read-only mounts show as root too)."""
+    import os
+    import tempfile
+
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        return f"{key}={path} is a file, not a directory"
+    probe_dir = target
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        return f"{key}={path}: {probe_dir} is not a directory"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".dinov2-write-check-", dir=probe_dir)
+    except OSError as e:
+        return f"{key}={path}: cannot write in {probe_dir} ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Every value of ``cfg`` that would fail later (a division by zero, an untrained export, a shape error,
+    an unwritable run dir), as one message each; empty when the config can run."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    t, o, d, c, m = cfg.train, cfg.optim, cfg.data, cfg.data.crops, cfg.model
+    need(t.checkpoint_every > 0, f"train.checkpoint_every must be > 0, got {t.checkpoint_every}")
+    need(t.log_every > 0, f"train.log_every must be > 0, got {t.log_every}")
+    need(t.keep_last_checkpoints > 0, f"train.keep_last_checkpoints must be > 0, got {t.keep_last_checkpoints}")
+    if t.max_iterations is not None:
+        need(t.max_iterations > 0, f"train.max_iterations must be > 0 (or null), got {t.max_iterations}")
+    else:
+        need(o.epochs > 0, f"optim.epochs must be > 0, got {o.epochs}")
+        need(o.epoch_length > 0, f"optim.epoch_length must be > 0, got {o.epoch_length}")
+    need(d.batch_size_per_gpu > 0, f"data.batch_size_per_gpu must be > 0, got {d.batch_size_per_gpu}")
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(o.base_lr >= 0, f"optim.base_lr must be >= 0, got {o.base_lr}")
+    need(o.min_lr >= 0, f"optim.min_lr must be >= 0, got {o.min_lr}")
+    need(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+    need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {o.clip_grad}")
+    models = [("model", m)] + ([("distill.teacher_model", cfg.distill.teacher_model)] if cfg.distill.enabled else [])
+    models += [(f"distill.extra_students[{s.name}].model", s.model) for s in cfg.distill.extra_students]
+    for key, model in models:
+        for name in ("depth", "embed_dim", "num_heads"):
+            value = getattr(model, name)
+            need(value is None or value > 0, f"{key}.{name} must be > 0, got {value}")
+        need(model.patch_size > 0, f"{key}.patch_size must be > 0, got {model.patch_size}")
+        need(0.0 <= model.drop_path_rate < 1.0, f"{key}.drop_path_rate must be in [0, 1), got {model.drop_path_rate}")
+    p = m.patch_size
+    if p > 0:
+        need(
+            c.global_crops_size > 0 and c.global_crops_size % p == 0,
+            f"data.crops.global_crops_size={c.global_crops_size} is not a positive multiple of model.patch_size={p}",
+        )
+        if c.local_crops_number > 0:
+            need(
+                c.local_crops_size > 0 and c.local_crops_size % p == 0,
+                f"data.crops.local_crops_size={c.local_crops_size} is not a positive multiple of model.patch_size={p}",
+            )
+    need(c.local_crops_number >= 0, f"data.crops.local_crops_number must be >= 0, got {c.local_crops_number}")
+    fraction = cfg.eval.holdout_fraction
+    need(0.0 < fraction < 1.0, f"eval.holdout_fraction must be in (0, 1), got {fraction}")
+    need(cfg.eval.batch_size > 0, f"eval.batch_size must be > 0, got {cfg.eval.batch_size}")
+    if d.dataset.kind not in ("demo",) and not d.dataset.path:
+        problems.append(f"no dataset path given; set data.dataset.path (data.dataset.kind={d.dataset.kind})")
+    run_dir = _writable_dir_problem("train.output_dir", t.output_dir) if t.output_dir else "train.output_dir is empty"
+    if run_dir:
+        problems.append(run_dir)
+    return problems
+
+
+def validate(cfg: Config) -> None:
+    """ConfigError listing every problem :func:`config_problems` finds (one line), before any work is done."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def to_yaml(cfg: Any) -> str:

@@ -65,7 +65,9 @@ def test_overlay_png(tmp_path, monkeypatch, with_matplotlib):
         STD
     )[:, None, None]
     maps = attention_maps(model, images)
-    path = save_attention_overlays(images, maps, tmp_path / "sub" / "attn.png", MEAN, STD, panel_size=64, gap=2)
+    path = save_attention_overlays(
+        images, maps, tmp_path / "sub" / "attn.png", MEAN, STD, panel_size=64, gap=2, labels=False
+    )
     assert path.is_file() and path.stat().st_size > 5_000
     with Image.open(path) as png:
         assert png.size == (4 * 64 + 3 * 2, 4 * 64 + 3 * 2)  # columns: image, 2 heads, mean; rows: 4 images
@@ -74,6 +76,6 @@ def test_overlay_png(tmp_path, monkeypatch, with_matplotlib):
     np.testing.assert_allclose(grid[:64:2, :64:2].astype(int), pixels[0].astype(int), atol=1)
     assert grid[:64, 66:130].std() > 10  # an overlay panel is not blank
     # uint8 input (channels last) gives the same picture
-    again = save_attention_overlays(pixels, maps, tmp_path / "again.png", panel_size=64, gap=2)
+    again = save_attention_overlays(pixels, maps, tmp_path / "again.png", panel_size=64, gap=2, labels=False)
     with Image.open(again) as png2:
         assert np.abs(np.asarray(png2.convert("RGB")).astype(int) - grid.astype(int)).max() <= 1

@@ -28,6 +28,7 @@ def tiny_config() -> Config:
         num_register_tokens=1,
         layerscale_init=None,  # random blocks must change the CLS token for the features to mean anything
     )
+    cfg.data.crops.global_crops_size = 32  # the evaluation size: 32 px images, resized to 37 and centre-cropped
     cfg.eval.linear_epochs = 2
     return cfg
 

@@ -36,7 +36,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     good = tmp_path / "checkpoints" / "ckpt_00000004"
     before = _sha(good)
     exploding = load_config("train/demo", base + ["train.max_iterations=8", "optim.base_lr=1e30"])
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint is kept"):
+    with pytest.raises(NonFiniteLossError, match="newest finite checkpoint is"):
         train(exploding)
     assert CheckpointManager(tmp_path / "checkpoints").latest() == good
     assert _sha(good) == before

@@ -45,12 +45,6 @@ def require_path(path: str | os.PathLike, *, directory: bool | None = None, key:
     return path
 
 
-def decode_image(source) -> Image.Image:
-    """Fully decode a file path or binary file object to an RGB image (raises on any defect)."""
-    with Image.open(source) as image:
-        return image.convert("RGB")  # convert() forces the full decode, so truncation shows here
-
-
 class ImageDataset(torch.utils.data.Dataset):
     """Base class: robust ``get(i)`` over records that subclasses open with :meth:`load`.
 

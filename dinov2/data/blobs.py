@@ -13,7 +13,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from dinov2.data.base import ImageDataset, decode_image, require_path
+from dinov2.data.base import ImageDataset, require_path
+from dinov2.data.decode import decode_image
 
 
 class BlobDataset(ImageDataset):

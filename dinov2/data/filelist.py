@@ -15,7 +15,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from dinov2.data.base import ImageDataset, decode_image, require_path
+from dinov2.data.base import ImageDataset, require_path
+from dinov2.data.decode import decode_image
 from dinov2.data.string_array import StringArray
 
 

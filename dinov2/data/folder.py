@@ -7,7 +7,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from dinov2.data.base import ImageDataset, decode_image, require_path
+from dinov2.data.base import ImageDataset, require_path
+from dinov2.data.decode import decode_image
 from dinov2.data.string_array import StringArray
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")

@@ -46,7 +46,8 @@ class TrainLoader:
 
     Each batch handed out advances the sampler by one global batch, so :meth:`state_dict` is the
     consumed position however far the workers prefetched, and iterating again continues from it.
-    ``num_skipped`` / ``skipped_paths`` total the undecodable records seen in this rank's batches.
+    ``skipped_paths`` are the undecodable records seen in this rank's batches and ``num_skipped`` their
+    number: files, not skip events (a bad file drawn again and again counts once).
     """
 
     def __init__(self, dataloader: torch.utils.data.DataLoader, sampler: InfiniteSampler, global_batch_size: int):
@@ -63,8 +64,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.dataloader:
             self.sampler.advance(self.global_batch_size)
-            self.num_skipped += batch["num_skipped"]
             self.skipped_paths.update(batch["skipped_paths"])
+            self.num_skipped = len(self.skipped_paths)
             yield batch
 
     def state_dict(self) -> dict[str, Any]:

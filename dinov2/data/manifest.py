@@ -10,7 +10,7 @@ import io
 
 from PIL import Image
 
-from dinov2.data.base import decode_image
+from dinov2.data.decode import decode_image
 from dinov2.data.filelist import FileListDataset, column, read_csv_rows
 from dinov2.data.shards import read_member, split_member_path
 

@@ -42,7 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from dinov2.data.base import ImageDataset, decode_image, require_path
+from dinov2.data.base import ImageDataset, require_path
+from dinov2.data.decode import decode_image
 from dinov2.data.shard_index import ShardIndex, load_or_build_index
 
 PATTERN_SEPARATOR = "::"

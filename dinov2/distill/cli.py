@@ -6,10 +6,15 @@ import sys
 
 from dinov2.train.cli import main as train_main
 
+DESCRIPTION = (
+    "Distil a student ViT from a frozen teacher (ours, timm or HF DINOv2 weights): dinov2-train with "
+    "distill.enabled=true. Example: dinov2-distill --config configs/distill/vitg14_to_vits14.yaml "
+    "distill.teacher_checkpoint=outputs/vitg14 train.output_dir=outputs/distill"
+)
+
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return train_main(argv + ["distill.enabled=true"])
+    return train_main(argv, prog="dinov2-distill", description=DESCRIPTION, forced=["distill.enabled=true"])
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ softmax probabilities, so each map sums to at most 1 (the rest went to CLS and r
 of the map's mass (DINO shows 60 %).
 
 :func:`save_attention_overlays` writes one PNG grid: a row per image; columns the image, each head's
-map upsampled and blended over the image through a colormap, and the mean over heads. matplotlib is
+map upsampled and blended over the image through a colormap, and the mean over heads, each column named
+in a header row (``image``, ``head 0`` …, ``mean``). matplotlib is
 used for the colormap when it is installed (imported only here); otherwise a built-in ramp is used.
 The grid itself is composed with numpy and Pillow.
 """
@@ -114,6 +115,7 @@ def save_attention_overlays(
     interpolation: str = "bilinear",
     panel_size: int = 128,
     gap: int = 2,
+    labels: bool = True,
 ) -> Path:
     """Write the overlay grid for ``images`` (see :func:`to_uint8_images`) and ``maps``
     ``(B, heads, h, w)`` to ``path`` (PNG) and return it.
@@ -121,8 +123,9 @@ def save_attention_overlays(
     Each panel is enlarged by an integer factor to about ``panel_size`` pixels; every map is
     min-max scaled on its own before colouring (like ``imshow``), so the panels show where each
     head looks, not how strongly. ``interpolation`` is ``"nearest"`` (patch blocks) or ``"bilinear"``.
+    ``labels`` adds the header row naming the columns (:func:`column_names`).
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     rgb = to_uint8_images(images, mean, std)
     b, height, width, _ = rgb.shape
@@ -142,15 +145,29 @@ def save_attention_overlays(
     span = (up.flatten(2).amax(dim=2)[..., None, None] - low).clamp_min(1e-12)
     up = ((up - low) / span).numpy()
     columns = 1 + maps.shape[1]
-    canvas = np.full((b * ph + (b - 1) * gap, columns * pw + (columns - 1) * gap, 3), 255, dtype=np.uint8)
+    header = HEADER_HEIGHT if labels else 0
+    canvas = np.full((header + b * ph + (b - 1) * gap, columns * pw + (columns - 1) * gap, 3), 255, dtype=np.uint8)
     for i in range(b):
         base = np.repeat(np.repeat(rgb[i], scale, axis=0), scale, axis=1).astype(np.float32) / 255.0
         panels = [base] + [(1 - alpha) * base + alpha * colorize(up[i, j], cmap) for j in range(maps.shape[1])]
-        top = i * (ph + gap)
+        top = header + i * (ph + gap)
         for j, panel in enumerate(panels):
             left = j * (pw + gap)
             canvas[top : top + ph, left : left + pw] = np.clip(panel * 255 + 0.5, 0, 255).astype(np.uint8)
+    picture = Image.fromarray(canvas)
+    if labels:
+        draw = ImageDraw.Draw(picture)
+        for j, name in enumerate(column_names(maps.shape[1] - 1)):
+            draw.text((j * (pw + gap) + 2, 2), name, fill=(0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path, format="PNG")
+    picture.save(path, format="PNG")
     return path
+
+
+HEADER_HEIGHT = 14  # pixels of the header row that names the columns
+
+
+def column_names(num_heads: int) -> list[str]:
+    """The overlay grid's column names: the image, each head, the mean over heads."""
+    return ["image"] + [f"head {h}" for h in range(num_heads)] + ["mean"]

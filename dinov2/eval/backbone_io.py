@@ -13,6 +13,10 @@ file, or one whose name starts with ``teacher``, or ``student_backbone.*``). It 
 state dict of a wrapper: nested under a ``state_dict`` / ``model`` / ``backbone`` / ``teacher`` …
 entry (``dinov2.interop``), keys prefixed ``backbone.`` (only those are kept), or ``module.`` /
 ``_orig_mod.`` prefixes from DDP and ``torch.compile``. :func:`save_backbone` writes the format.
+
+A training checkpoint directory (``RUN/checkpoints/ckpt_N``: DCP shards + ``meta.json``) loads too: the
+run's exported network (the EMA teacher; the EMA student when distilling) is read from its shards, with the
+run's ``config.yaml`` two levels up. A run directory with no export yet evaluates its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -52,10 +56,24 @@ def save_backbone(
     return path
 
 
-def find_weights(path: str | os.PathLike) -> Path:
-    """The weights file ``path`` names, or the one inside directory ``path``."""
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a trainer checkpoint directory (``ckpt_N`` with ``meta.json`` and DCP metadata)."""
     path = Path(path)
-    if path.is_file():
+    return path.is_dir() and (path / "meta.json").is_file() and (path / ".metadata").is_file()
+
+
+def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoints/ckpt_N`` of a run directory, or None."""
+    folder = Path(run_dir) / "checkpoints"
+    found = sorted(p for p in folder.glob("ckpt_*") if p.name[5:].isdigit() and is_training_checkpoint(p))
+    return found[-1] if found else None
+
+
+def find_weights(path: str | os.PathLike) -> Path:
+    """The weights file ``path`` names, or the one inside directory ``path``; a training checkpoint
+    directory (or a run directory without an export: its newest checkpoint) is returned as it is."""
+    path = Path(path)
+    if path.is_file() or is_training_checkpoint(path):
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -68,6 +86,8 @@ def find_weights(path: str | os.PathLike) -> Path:
     ):
         if len(preferred) == 1:  # a pretraining run's teacher, a distillation run's main student
             return preferred[0]
+    if not found and newest_checkpoint(path) is not None:
+        return newest_checkpoint(path)
     names = ", ".join(p.name for p in found) or "none"
     raise FileNotFoundError(f"expected one weights file ({'/'.join(WEIGHT_SUFFIXES)}) in {path}, found: {names}")
 
@@ -75,6 +95,8 @@ def find_weights(path: str | os.PathLike) -> Path:
 def config_of(weights: Path) -> Path:
     """The config file beside ``weights``: ``{name}_config.yaml`` for ``{name}_backbone.*`` when it exists
     (an extra distilled student), else ``config.yaml``."""
+    if is_training_checkpoint(weights):  # RUN/checkpoints/ckpt_N
+        return weights.parent.parent / CONFIG_NAME
     if weights.stem.endswith("_backbone"):
         own = weights.parent / f"{weights.stem.removesuffix('_backbone')}_config.yaml"
         if own.is_file():
@@ -94,6 +116,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
+def read_checkpoint_backbone(path: Path, backbone: torch.nn.Module, cfg: Any) -> None:
+    """Load the run's exported network (see the module docstring) from checkpoint ``path`` into ``backbone``."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    wanted = backbone.state_dict()
+    prefixes = (["student_ema.backbone."] if cfg.distill.enabled else []) + ["teacher.backbone.", "student.backbone."]
+    for prefix in prefixes:
+        if all(f"model.{prefix}{k}" in saved for k in wanted):
+            break
+    else:
+        raise ValueError(f"{path} holds no backbone of the shape its run config.yaml gives (another run?)")
+    state = {"model": {prefix + k: v for k, v in wanted.items()}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    backbone.load_state_dict({k.removeprefix(prefix): v for k, v in state["model"].items()})
+
+
 def load_backbone(
     checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, Any]:
@@ -110,6 +153,9 @@ def load_backbone(
         raise FileNotFoundError(f"no training config at {config_path} (pass --config to point at one)")
     cfg = load_config(config_path)
     backbone = build_backbone(cfg.model)
+    if is_training_checkpoint(weights):
+        read_checkpoint_backbone(weights, backbone, cfg)
+        return backbone.to(device).eval(), cfg
     missing, unexpected = backbone.load_state_dict(read_state_dict(weights), strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -11,9 +11,16 @@ A dataset spec is ``KIND:PATH[:SPLITS]``: ``SPLITS`` is ``TRAIN,TEST`` for ``--d
 ``train,test``) and a single split for ``--train-dataset`` / ``--test-dataset``, which override
 either side. ``--dataset-opt key=value`` sets any other :class:`dinov2.config.DatasetConfig` field.
 Defaults for the protocol (k, temperature, learning rates, ...) come from the ``eval`` section of
-the checkpoint's ``config.yaml``; flags override them. Results are printed as a table and written
-to ``OUTPUT_DIR/<mode>.json`` (attention: also ``attention_maps.png``). Under ``torchrun`` feature
-extraction is sharded over the ranks and k-NN runs on a sharded train set; rank 0 reports.
+the checkpoint's ``config.yaml``; flags override them. Images are resized and centre-cropped to the
+checkpoint's evaluation size (``eval_sizes``: the global crop size, after resizing the shorter side by
+256 / 224), so folders of photos of any size work; ``--resize 0 --crop 0`` feeds them as they are.
+When the train and test sides are the same images (a folder without splits), a fixed
+``--holdout-fraction`` of them is the query set and the output says so (:mod:`dinov2.eval.holdout`).
+``--checkpoint`` takes an export (file or directory), a run directory, or a training checkpoint
+``RUN/checkpoints/ckpt_N``. Results are printed as a table and written to ``OUTPUT_DIR/<mode>.json``
+(attention: also ``attention_maps.png``); a later call does not overwrite them but writes
+``<mode>-2.json`` (``attention_maps-2.png``) and so on. Under ``torchrun`` feature extraction is sharded
+over the ranks and k-NN runs on a sharded train set; rank 0 reports.
 """
 
 from __future__ import annotations
@@ -123,8 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "bf16", "fp16", "none"),
         help="autocast dtype (auto: bf16 on CUDA, none on CPU)",
     )
-    common.add_argument("--resize", type=int, help="resize the shorter side (default: eval.resize)")
-    common.add_argument("--crop", type=int, help="centre crop (default: eval.crop)")
+    common.add_argument(
+        "--resize", type=int, help="resize the shorter side (default: eval.resize, else the checkpoint's; 0: none)"
+    )
+    common.add_argument("--crop", type=int, help="centre crop (default: eval.crop, else the global crop size; 0: none)")
+    common.add_argument(
+        "--holdout-fraction",
+        type=float,
+        help="when train and test are the same images: share held out as queries (default: eval.holdout_fraction)",
+    )
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     parser = argparse.ArgumentParser(prog="dinov2-eval", description=__doc__.split("\n\n")[0])
@@ -199,9 +213,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one evaluation mode; returns the results (also printed and written by rank 0)."""
 
     from dinov2.data import build_dataset
+    from dinov2.data.datasets import same_images
+    from dinov2.eval.backbone_io import find_weights, is_training_checkpoint, load_backbone
+    from dinov2.eval.features import eval_sizes, eval_transform
     from dinov2.distributed.comm import rank_and_world
-    from dinov2.eval.backbone_io import find_weights, load_backbone
-    from dinov2.eval.features import eval_transform
+    from dinov2.eval.holdout import holdout_note, holdout_sets
 
     started_dist = _init_distributed(args.device)
     try:
@@ -212,8 +228,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if test_cfg is None or (args.mode != "attention" and train_cfg is None):
             raise SystemExit("give --dataset (or --train-dataset and --test-dataset)")
         crops = cfg.data.crops
-        transform = eval_transform(_pick(args.resize, ecfg.resize), _pick(args.crop, ecfg.crop), crops.mean, crops.std)
-        output_dir = Path(args.output_dir) if args.output_dir else find_weights(args.checkpoint).parent / "eval"
+        resize, crop = eval_sizes(crops.global_crops_size, _pick(args.resize, ecfg.resize), _pick(args.crop, ecfg.crop))
+        transform = eval_transform(resize, crop, crops.mean, crops.std)
+        weights = find_weights(args.checkpoint)
+        home = weights.parent.parent if is_training_checkpoint(weights) else weights.parent  # never into a ckpt dir
+        output_dir = Path(args.output_dir) if args.output_dir else home / "eval"
         rank, _ = rank_and_world()
         common = {
             "transform": transform,
@@ -227,18 +246,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results: dict[str, Any] = {
             "mode": args.mode,
             "checkpoint": str(args.checkpoint),
+            "weights": str(weights),
+            "resize": resize,
+            "crop": crop,
             "test_dataset": dataclasses.asdict(test_cfg),
         }
+        suffix = _free_suffix(output_dir, args.mode)
         if args.mode == "attention":
-            results |= _run_attention(args, backbone, test_set, transform, crops, ecfg, output_dir, rank)
+            results |= _run_attention(args, backbone, test_set, transform, crops, ecfg, output_dir, rank, suffix)
         else:
             results["train_dataset"] = dataclasses.asdict(train_cfg)
             train_set = build_dataset(train_cfg)
+            if same_images(train_cfg, train_cfg.split, test_cfg, test_cfg.split):
+                fraction = _pick(args.holdout_fraction, ecfg.holdout_fraction)
+                train_set, test_set = holdout_sets(train_set, fraction)
+                results["queries"] = holdout_note(fraction, len(test_set), seen_in_training=False)
+                if rank == 0:
+                    print(f"train and test are the same images: {results['queries']}")
             mode = _run_knn if args.mode == "knn" else _run_linear
             results |= mode(args, backbone, train_set, test_set, common, ecfg)
         if rank == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
-            out_json = output_dir / f"{args.mode}.json"
+            out_json = output_dir / f"{args.mode}{suffix}.json"
             out_json.write_text(json.dumps(results, indent=2) + "\n")
             print(f"results written to {out_json}")
         return results
@@ -247,6 +276,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _free_suffix(output_dir: Path, mode: str) -> str:
+    """``""`` for the first result of ``mode`` in ``output_dir``, then ``-2``, ``-3`` …: nothing is overwritten."""
+    suffix, n = "", 1
+    while (output_dir / f"{mode}{suffix}.json").exists():
+        n += 1
+        suffix = f"-{n}"
+    return suffix
 
 
 def _run_knn(args, backbone, train_set, test_set, common, ecfg) -> dict[str, Any]:
@@ -308,21 +346,27 @@ def _run_linear(args, backbone, train_set, test_set, common, ecfg) -> dict[str, 
     return {"patch_mean": patch_mean, **out, "val_acc": {f"{k:g}": v for k, v in out["val_acc"].items()}}
 
 
-def _run_attention(args, backbone, test_set, transform, crops, ecfg, output_dir, rank) -> dict[str, Any]:
+def _run_attention(args, backbone, test_set, transform, crops, ecfg, output_dir, rank, suffix="") -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from dinov2.eval.attention_maps import attention_maps, save_attention_overlays
+    from dinov2.eval.attention_maps import attention_maps, column_names, save_attention_overlays
 
     count = min(_pick(args.num_images, ecfg.attention_num_images), len(test_set))
     picks = np.unique(np.linspace(0, len(test_set) - 1, count).round().astype(int)).tolist()
     images = torch.stack([transform(test_set[i][0]) for i in picks])
     maps = attention_maps(backbone, images, top_mass=_pick(args.top_mass, ecfg.attention_top_mass))
-    png = output_dir / "attention_maps.png"
+    png = output_dir / f"attention_maps{suffix}.png"
     if rank == 0:
         save_attention_overlays(images, maps, png, crops.mean, crops.std)
         print(f"attention maps of {len(picks)} images x {maps.shape[1]} heads written to {png}")
-    return {"png": str(png), "indices": picks, "num_heads": int(maps.shape[1]), "grid": list(maps.shape[-2:])}
+    return {
+        "png": str(png),
+        "indices": picks,
+        "num_heads": int(maps.shape[1]),
+        "grid": list(maps.shape[-2:]),
+        "columns": column_names(int(maps.shape[1])),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

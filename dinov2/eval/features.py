@@ -52,6 +52,21 @@ def eval_transform(
     return v2.Compose(steps)
 
 
+def eval_sizes(
+    global_crops_size: int, resize: int | None = None, crop: int | None = None
+) -> tuple[int | None, int | None]:
+    """``(resize, crop)`` of a checkpoint's evaluation transform (``eval.resize`` / ``eval.crop``).
+
+    ``None`` picks the default: a centre crop of the training's global crop size, after resizing the
+    shorter side by the reference's 256 / 224 ratio (224 → 256, 32 → 37); ``0`` turns the step off. With
+    both steps on, images of any size and aspect ratio come out the same size and batch together.
+    """
+    crop = global_crops_size if crop is None else crop
+    if resize is None:
+        resize = round((crop or global_crops_size) * 256 / 224)
+    return (resize or None), (crop or None)
+
+
 class _TransformedSubset(Dataset):
     """``(transform(image), label)`` for the dataset items at ``indices``."""
 

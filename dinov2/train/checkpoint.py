@@ -6,6 +6,13 @@ global sample position of the data stream) and one ``rng_rank{r}.pt`` per rank (
 with ``weights_only=True``). It is written to ``ckpt_….tmp`` and renamed when complete, so a crash
 mid-save never leaves a directory that looks finished; only the newest ``keep`` are kept. DCP
 reshards on load, so a checkpoint saved at one world size resumes at another.
+
+Only finite states are written (:func:`state_is_finite` over the model and the optimizer: a finite loss
+can come with overflowed AdamW moments, and such a checkpoint would fail again on every resume).
+:meth:`CheckpointManager.resume` loads the newest checkpoint that reads back whole and finite; one that
+does not (a truncated shard, a broken ``meta.json``, non-finite values) is logged with its path and the
+reason, kept on disk for inspection, and the previous one is tried. A directory of the same name that a
+new save would replace is moved aside to ``ckpt_….bad`` rather than deleted.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException  # a BaseException: `except Exception` misses it
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -98,6 +106,43 @@ def _drop_unsaved_optimizer_state(optimizer_state: dict, path: Path) -> list[str
     return dropped
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run could be resumed from (each one's reason is in the message)."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """The model or optimizer state holds NaN/inf: it is not written."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def state_is_finite(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    """Whether every floating-point parameter, buffer and optimizer-state tensor is finite, on every rank."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers())]
+    if optimizer is not None:
+        tensors += [v for per_param in optimizer.state.values() for v in per_param.values() if torch.is_tensor(v)]
+    device = next(model.parameters()).device
+    bad = torch.zeros((), device=device)
+    for t in tensors:
+        t = _local(t)
+        if t.is_floating_point() and t.numel():
+            bad += (~torch.isfinite(t.detach())).any().to(device)
+    if _world() > 1:
+        dist.all_reduce(bad)
+    return bool(bad.item() == 0)
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of ``error`` in one line; for DCP's per-rank wrapper, the underlying error (its last line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = lines[-1] if isinstance(error, CheckpointException) else lines[0]
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
 class CheckpointManager:
     def __init__(self, directory: str | Path, keep: int = 2) -> None:
         self.directory = Path(directory)
@@ -115,6 +160,9 @@ class CheckpointManager:
         return done[-1] if done else None
 
     def save(self, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample_position: int) -> Path:
+        """Write checkpoint ``iteration``; NonFiniteStateError (nothing written) when the state is not finite."""
+        if not state_is_finite(model, optimizer):
+            raise NonFiniteStateError(f"the model or optimizer state is not finite at iteration {iteration}")
         final = self.directory / f"ckpt_{iteration:08d}"
         tmp = self.directory / f"ckpt_{iteration:08d}.tmp"
         rank = _rank()
@@ -133,12 +181,38 @@ class CheckpointManager:
         if rank == 0:
             meta = {"iteration": iteration, "sample_position": sample_position, "world_size": _world()}
             (tmp / "meta.json").write_text(json.dumps(meta))
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():  # one that failed to load (resume fell back past it): kept for inspection
+                aside = final.with_name(final.name + ".bad")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(final, aside)
+                logger.warning("moved the unreadable %s aside to %s", final, aside)
             os.replace(tmp, final)
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return final
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> ResumeState | None:
+        """Load the newest checkpoint that reads back whole and finite (see the module docstring); None when
+        there is none at all, CheckpointError when none of them loads."""
+        failures: list[str] = []
+        for path in reversed(self.complete()):
+            try:
+                state = self.load(path, model, optimizer)
+                if not state_is_finite(model, optimizer):
+                    raise NonFiniteStateError("it holds non-finite values")
+            except (Exception, CheckpointException) as error:  # any defect: say which and why, try the previous one
+                gist = _first_line(error)  # DCP's wrapper: already "RuntimeError: …" of the underlying error
+                reason = gist if isinstance(error, CheckpointException) else f"{type(error).__name__}: {gist}"
+                failures.append(f"{path} ({reason})")
+                logger.warning("cannot resume from %s (%s); it is kept as it is, trying the previous one", path, reason)
+                continue
+            if failures:
+                logger.warning("resuming from %s, the newest checkpoint that loads", path)
+            return state
+        if failures:
+            raise CheckpointError(f"no checkpoint could be loaded: {'; '.join(failures)}")
+        return None
 
     def load(
         self,

@@ -1,19 +1,26 @@
-"""``dinov2-train --config PATH [key=value …]``: pretrain (or distill) a ViT."""
+"""``dinov2-train --config PATH [key=value …]``: pretrain (or distill) a ViT.
+
+Every check that needs no model or data (the configuration's values, the dataset kind, a run dir holding
+another configuration, an unwritable output dir) runs first: a problem is one line
+``dinov2-train: error: …`` on stderr, exit status 2, and nothing is written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 
 from dinov2.config import ConfigError, load_config
 
+EXAMPLE = "dinov2-train --config configs/train/demo.yaml train.output_dir=outputs/demo optim.epochs=5"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def build_parser(prog: str = "dinov2-train", description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dinov2-train",
-        description="Self-supervised ViT pretraining the DINOv2 way. Example: "
-        "dinov2-train --config configs/train/demo.yaml train.output_dir=outputs/demo optim.epochs=5",
+        prog=prog,
+        description=description or f"Self-supervised ViT pretraining the DINOv2 way. Example: {EXAMPLE}",
     )
     parser.add_argument("--config", required=True, help="YAML file or preset name such as train/vits14")
     parser.add_argument(
@@ -29,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, the default shard group (8)")
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU to fit in (80)")
     plan.add_argument("--batch-sizes", default="", help="more batch sizes per GPU to tabulate, e.g. 8,16,32")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run_plan(args: argparse.Namespace, cfg) -> int:
@@ -52,29 +63,44 @@ def run_plan(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    *,
+    prog: str = "dinov2-train",
+    description: str | None = None,
+    forced: Sequence[str] = (),
+) -> int:
+    """Run the command; ``forced`` overrides come after the user's (``dinov2-distill``: distill.enabled=true)."""
+    args = build_parser(prog, description).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, list(args.overrides) + list(forced))
         if args.init_from:
             cfg.train.init_from = args.init_from
-        if cfg.train.init_from:
-            from dinov2.train.init_from import check_init_from
+        if not args.plan:  # the plan writes nothing and needs no data: no run-directory checks
+            from dinov2.train.run_dir import preflight
 
-            check_init_from(cfg.train.init_from, cfg)  # before anything is written
+            preflight(cfg)
+            if cfg.train.init_from:
+                from dinov2.train.init_from import check_init_from
+
+                check_init_from(cfg.train.init_from, cfg)  # before anything is written
     except ConfigError as e:
-        print(f"dinov2-train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if args.plan:
         return run_plan(args, cfg)
     from dinov2.distributed.env import read_env
+    from dinov2.train.checkpoint import CheckpointError
     from dinov2.train.trainer import NonFiniteLossError, train
 
     try:
         result = train(cfg)
-    except (NonFiniteLossError, FileNotFoundError, ConfigError) as e:
-        print(f"dinov2-train: error: {e}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     if read_env().rank != 0:  # one report per job, not per process
         return 0
@@ -89,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     knns = ({main_name: result.knn} if result.knn else {}) | result.extra_knn
     for name, knn in knns.items():
         table = "  ".join(f"k={k}: {acc:.2f}%" for k, acc in sorted(knn.items()))
-        print(f"k-NN top-1 ({name}) on the held-out split: {table}")
+        print(f"k-NN top-1 ({name}): {table}; {result.knn_description}")
     return 0
 
 

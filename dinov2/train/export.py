@@ -4,6 +4,7 @@ Read them back with :func:`dinov2.eval.backbone_io.load_backbone` (weights + the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -32,5 +33,13 @@ def export_backbone(backbone: nn.Module, path: str | Path, env: DistEnv) -> Path
         if mode is not None:  # read back by dinov2.interop.load_pretrained_backbone
             metadata["pos_embed_interpolation"] = str(mode)
         save_file(state, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; the run's other files follow the umask
         tmp.replace(path)
     return path
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then put back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

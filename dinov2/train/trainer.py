@@ -27,20 +27,22 @@ from dinov2.distributed.mesh import build_mesh
 from dinov2.distributed.meta_init import check_no_full_copy, materialize, on_meta
 from dinov2.distributed.parallelize import parallelize, should_shard
 from dinov2.distributed.stop import StopRequest
-from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.checkpoint import CheckpointManager, NonFiniteStateError
 from dinov2.train.clipping import clip_gradients
 from dinov2.train.export import export_backbone
-from dinov2.train.final_eval import knn_of_backbone
+from dinov2.train.final_eval import knn_on_sets, knn_sets
 from dinov2.train.meta_arch import SSLMetaArch
 from dinov2.train.metrics import MetricsWriter
 from dinov2.train.optim import apply_schedule, build_optimizer, param_groups
+from dinov2.train.run_dir import preflight, write_run_config
 from dinov2.train.schedules import Schedules, ScheduleValues
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+    """The loss (or the state about to be checkpointed) became NaN or infinite; the run stops, its checkpoints
+    (all finite) are left untouched, and the message names the newest one and the command that resumes it."""
 
 
 @dataclass
@@ -50,6 +52,7 @@ class TrainResult:
     last_losses: dict[str, float] = field(default_factory=dict)
     exported: Path | None = None
     knn: dict[int, float] | None = None
+    knn_description: str = ""  # what the k-NN queries were (a held-out split, a second folder, a named fraction)
     num_skipped: int = 0
     interrupted: bool = False  # stopped early on a StopRequest (a checkpoint was saved at `iterations`)
     extra_exports: dict[str, Path] = field(default_factory=dict)  # distill.extra_students, by name
@@ -214,12 +217,10 @@ def train(cfg: Config, stop: StopRequest | None = None) -> TrainResult:
 
 def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
+    preflight(cfg)  # nothing is written before the configuration and the run dir are checked
     device = resolve_device(cfg.train.device, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(to_yaml(cfg))
 
     training = build_training(cfg, env, device)
     model, optimizer = training.model, training.optimizer
@@ -229,21 +230,23 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
     checkpoints = CheckpointManager(output_dir / "checkpoints", cfg.train.keep_last_checkpoints)
 
     start, sample_position = 0, None
-    latest = checkpoints.latest()
-    if latest is not None:
-        resumed = checkpoints.load(latest, model, optimizer)
+    resumed = checkpoints.resume(model, optimizer)  # the newest checkpoint that loads whole and finite
+    if resumed is not None:
         start, sample_position = resumed.iteration, resumed.sample_position
         if resumed.world_size != env.world_size:
             torch.manual_seed(cfg.train.seed * 1000 + env.rank + 7919 * start)
         if env.is_main:
-            logger.info("resumed from %s at iteration %d", latest, start)
+            logger.info("resumed from %s at iteration %d", resumed.path, start)
     elif cfg.train.init_from:  # a new phase of another run (dinov2-train --init-from): its weights only
         from dinov2.train.init_from import init_from_run
 
         init_from_run(model, cfg)
+    if env.is_main:
+        write_run_config(cfg)
+    last_checkpoint = resumed.path if resumed is not None else None
 
     loader = build_loader(cfg, env, device, start, transform=model.train_transform())
-    metrics = MetricsWriter(output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
+    metrics = MetricsWriter(output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard, start_iteration=start)
     result = TrainResult(output_dir=output_dir, iterations=start)
     progress = _progress_bar(cfg, env, start, total)
     model.train()
@@ -265,7 +268,10 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
             if done % cfg.train.log_every == 0 or save_now:
                 elapsed = time.perf_counter() - tick
                 images_per_s = len(pending) * global_batch / max(elapsed, 1e-9)
-                last = _flush(pending, metrics, images_per_s, loader.num_skipped)
+                try:
+                    last = _flush(pending, metrics, images_per_s, loader.num_skipped)
+                except NonFiniteLossError as e:
+                    raise NonFiniteLossError(f"{e}; {_resume_hint(cfg, last_checkpoint)}") from None
                 result.last_losses = last
                 if progress is not None:
                     progress.update(len(pending))
@@ -273,7 +279,12 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
                 pending.clear()
                 tick = time.perf_counter()
             if save_now:
-                checkpoints.save(done, model, optimizer, sample_position=loader.state_dict()["position"])
+                try:
+                    last_checkpoint = checkpoints.save(
+                        done, model, optimizer, sample_position=loader.state_dict()["position"]
+                    )
+                except NonFiniteStateError as e:
+                    raise NonFiniteLossError(f"{e}: not saved; {_resume_hint(cfg, last_checkpoint)}") from None
             result.iterations = done
             if stopping:
                 result.interrupted = True
@@ -289,11 +300,17 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         return result
     if env.is_main and loader.num_skipped:
         logger.warning("%d undecodable images were skipped (see the warnings above for paths)", loader.num_skipped)
+    sets = knn_sets(cfg) if cfg.eval.final_knn else None
+    if sets is not None and sets.skip_reason:
+        if env.is_main:
+            logger.warning("final k-NN skipped: %s", sets.skip_reason)
+        sets = None
     for index, (name, (filename, backbone)) in enumerate(model.exports().items()):
         path = export_backbone(backbone, output_dir / filename, env) if cfg.train.export_teacher else None
-        knn = knn_of_backbone(backbone, cfg, device) if cfg.eval.final_knn else None
+        knn = knn_on_sets(backbone, sets, cfg, device) if sets is not None else None
         if index == 0:  # the run's main result: the EMA teacher, or the (first) distilled student
             result.exported, result.knn = path, knn
+            result.knn_description = sets.description if sets is not None else ""
             continue
         if path is not None:
             result.extra_exports[name] = path
@@ -302,6 +319,15 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         if knn is not None:
             result.extra_knn[name] = knn
     return result
+
+
+def _resume_hint(cfg: Config, checkpoint: Path | None) -> str:
+    """The newest (finite) checkpoint of the run and the exact command that resumes from it, more gently."""
+    run_config = Path(cfg.train.output_dir) / "config.yaml"
+    command = f"dinov2-train --config {run_config} optim.base_lr={cfg.optim.base_lr / 2:g}"
+    if checkpoint is None:
+        return f"no checkpoint was written yet; start again with a lower learning rate: {command}"
+    return f"the newest finite checkpoint is {checkpoint}; resume from it with a lower learning rate: {command}"
 
 
 def extra_student_config(cfg: Config, name: str) -> Config:
@@ -332,10 +358,7 @@ def _flush(
         record.update({name: values[row].item() for name, values in stacked.items()})
         bad = [name for name in stacked if name.split("/")[-1] == "loss" and not math.isfinite(record[name])]
         if bad:
-            raise NonFiniteLossError(
-                f"{bad[0]} is {record[bad[0]]} at iteration {it}: stopping; the last good checkpoint is kept "
-                "(lower optim.base_lr or raise optim.warmup_epochs, then resume)"
-            )
+            raise NonFiniteLossError(f"{bad[0]} is {record[bad[0]]} at iteration {it}: stopping")
         record.update({"lr": lr, "teacher_temp": temp, "images_per_s": images_per_s, "num_skipped": num_skipped})
         metrics.write(record)
         last = record
