@@ -178,25 +178,6 @@ def _init_distributed(device_arg: str) -> bool:
     return True
 
 
-def _resolve_device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _amp_dtype(name: str, device: Any) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
-
-
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
@@ -214,14 +195,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from dinov2.data import build_dataset
     from dinov2.data.datasets import same_images
+    from dinov2.device import amp_dtype, resolve_device
+    from dinov2.distributed.comm import rank_and_world
     from dinov2.eval.backbone_io import find_weights, is_training_checkpoint, load_backbone
     from dinov2.eval.features import eval_sizes, eval_transform
-    from dinov2.distributed.comm import rank_and_world
     from dinov2.eval.holdout import holdout_note, holdout_sets
 
     started_dist = _init_distributed(args.device)
     try:
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
         backbone, cfg = load_backbone(args.checkpoint, args.config, device)
         ecfg = cfg.eval
         train_cfg, test_cfg = dataset_configs(args)
@@ -239,7 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": _pick(args.batch_size, ecfg.batch_size),
             "device": device,
             "num_workers": args.num_workers,
-            "amp_dtype": _amp_dtype(args.amp, device),
+            "amp_dtype": amp_dtype(args.amp, device),
             "progress": not args.no_progress,
         }
         test_set = build_dataset(test_cfg)

@@ -40,6 +40,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dinov2.distributed.comm import barrier, rank, world_size
+
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt_(\d{8})$")
 
@@ -50,19 +52,6 @@ class ResumeState:
     sample_position: int
     world_size: int
     path: Path
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -129,7 +118,7 @@ def state_is_finite(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
         t = _local(t)
         if t.is_floating_point() and t.numel():
             bad += (~torch.isfinite(t.detach())).any().to(device)
-    if _world() > 1:
+    if world_size() > 1:
         dist.all_reduce(bad)
     return bool(bad.item() == 0)
 
@@ -165,21 +154,21 @@ class CheckpointManager:
             raise NonFiniteStateError(f"the model or optimizer state is not finite at iteration {iteration}")
         final = self.directory / f"ckpt_{iteration:08d}"
         tmp = self.directory / f"ckpt_{iteration:08d}.tmp"
-        rank = _rank()
-        if rank == 0:
+        this_rank = rank()
+        if this_rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         state = {
             "model": get_model_state_dict(model),
             "optimizer": get_optimizer_state_dict(model, optimizer),
         }
         with _quiet_single_process():
             dcp.save(state, checkpoint_id=tmp)
-        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-        _barrier()
-        if rank == 0:
-            meta = {"iteration": iteration, "sample_position": sample_position, "world_size": _world()}
+        torch.save(rng_state(), tmp / f"rng_rank{this_rank}.pt")
+        barrier()
+        if this_rank == 0:
+            meta = {"iteration": iteration, "sample_position": sample_position, "world_size": world_size()}
             (tmp / "meta.json").write_text(json.dumps(meta))
             if final.exists():  # one that failed to load (resume fell back past it): kept for inspection
                 aside = final.with_name(final.name + ".bad")
@@ -189,7 +178,7 @@ class CheckpointManager:
             os.replace(tmp, final)
             for old in self.complete()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        barrier()
         return final
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> ResumeState | None:
@@ -234,15 +223,15 @@ class CheckpointManager:
             # strict=False only lets the state-less parameters stay so (see _drop_unsaved_optimizer_state)
             options = StateDictOptions(strict=not stateless)
             set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-        rng_file = path / f"rng_rank{_rank()}.pt"
+        rng_file = path / f"rng_rank{rank()}.pt"
         if not restore_rng:
             pass
-        elif meta["world_size"] == _world() and rng_file.is_file():
+        elif meta["world_size"] == world_size() and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         else:
             logger.warning(
                 "resuming at world size %d from a checkpoint saved at %d: RNG streams are re-seeded",
-                _world(),
+                world_size(),
                 meta["world_size"],
             )
         return ResumeState(meta["iteration"], meta["sample_position"], meta["world_size"], path)
