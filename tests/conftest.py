@@ -98,6 +98,19 @@ def uses_cpu_fixture_model() -> bool:
     return not os.environ.get("DINOV2_CURATION_MODEL")
 
 
+# ------------------------------------------------------------------------- backbone output checks
+def seeded_images(size: int) -> torch.Tensor:
+    """Two random ``size × size`` images, the same for a given size."""
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+
+
+@torch.no_grad()
+def all_tokens(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A backbone's output as one ``(B, 1 + registers + patches, D)`` tensor, the layout timm and HF return."""
+    out = model(x)
+    return torch.cat([out["cls"][:, None], out["registers"], out["patch"]], dim=1)
+
+
 # ------------------------------------------------------------------------------------------- SLURM
 # One real one-node SLURM cluster (munged + slurmctld + slurmd, tests/slurm_cluster.py) for the whole
 # session, started on first use and stopped at the end. Needs root; installs the Debian packages
