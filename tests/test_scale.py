@@ -227,6 +227,16 @@ def _max_diff(a, b) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def _ends_like_one_process(runs, name: str, label: str) -> float:
+    """The largest difference between run ``name``'s final parameters and the 1-process run's, printed
+    and checked against ATOL."""
+    cfg = runs["cfg"]
+    diff = _max_diff(_final(cfg, runs[name] / "run"), _final(cfg, runs["one"] / "run"))
+    print(f"max |param({label}) - param(1 process)| after {STEPS} steps: {diff:.3g}")
+    assert diff <= ATOL
+    return diff
+
+
 @pytest.mark.slow
 def test_step0_weights_are_bit_identical_at_1_2_and_4_processes(runs):
     one = torch.load(runs["root"] / "one_step0.pt", weights_only=True)
@@ -252,16 +262,13 @@ def test_no_rank_holds_a_full_network_and_the_plan_bytes_are_exact(runs):
 def test_hsdp_2x2_trains_like_one_process(runs):
     from dinov2.train.metrics import read_metrics
 
-    cfg = runs["cfg"]
-    diff = _max_diff(_final(cfg, runs["four"] / "run"), _final(cfg, runs["one"] / "run"))
-    print(f"max |param(2x2 HSDP) - param(1 process)| after {STEPS} steps: {diff:.3g}")
-    assert diff <= ATOL
+    diff = _ends_like_one_process(runs, "four", "2x2 HSDP")
     four, one = (read_metrics(runs[n] / "run" / "metrics.jsonl") for n in ("four", "one"))
     assert [r["iteration"] for r in four] == [r["iteration"] for r in one] == list(range(STEPS))
     for a, b in zip(four, one, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
     init = torch.load(runs["root"] / "one_step0.pt", weights_only=True)
-    moved = _max_diff(_final(cfg, runs["one"] / "run"), init)
+    moved = _max_diff(_final(runs["cfg"], runs["one"] / "run"), init)
     print(f"max |param change| over the {STEPS} steps: {moved:.3g}")
     assert moved > 1e-4 and moved > 100 * diff  # the comparison is not vacuous
 
@@ -269,7 +276,4 @@ def test_hsdp_2x2_trains_like_one_process(runs):
 @pytest.mark.slow
 def test_resume_on_another_mesh(runs):
     """The 2x2 run's step-2 checkpoint, resumed by 2 processes on a 1-D mesh, ends where 1 process does."""
-    cfg = runs["cfg"]
-    diff = _max_diff(_final(cfg, runs["two"] / "run"), _final(cfg, runs["one"] / "run"))
-    print(f"max |param(2x2 → 2 resumed) - param(1 process)| after {STEPS} steps: {diff:.3g}")
-    assert diff <= ATOL
+    _ends_like_one_process(runs, "two", "2x2 → 2 resumed")
