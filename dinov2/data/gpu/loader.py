@@ -23,7 +23,7 @@ from dinov2.data.datasets import build_dataset
 from dinov2.data.gpu.decode import decode_dataset
 from dinov2.data.gpu.generators import batch_generator
 from dinov2.data.gpu.multicrop import GPUMultiCrop, as_nchw
-from dinov2.data.samplers import InfiniteSampler
+from dinov2.data.samplers import InfiniteSampler, SamplerPositioned
 from dinov2.data.seeding import STREAM_MASKS, numpy_rng
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class _Arithmetic(torch.utils.data.Sampler):
         return itertools.count(self.start, self.step)
 
 
-class GPUTrainLoader:
+class GPUTrainLoader(SamplerPositioned):
     """Endless, resumable training batches from images held in device memory, augmented there.
 
     The counterpart of :class:`~dinov2.data.loader.TrainLoader` (same ``num_skipped``,
@@ -171,13 +171,6 @@ class GPUTrainLoader:
             )  # fmt: skip
             self.sampler.advance(self.global_batch_size)
             yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position on the next ``iter()``."""
-        self.sampler.load_state_dict(state)
 
 
 def build_gpu_train_loader(
