@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import checkpoint_state
 from tiny_config import TINY
 
 from dinov2.config import ConfigError, MeshConfig, load_config
@@ -32,7 +33,6 @@ from dinov2.distributed.env import distributed_session
 from dinov2.distributed.mesh import mesh_shape
 from dinov2.distributed.plan import build_shapes, local_numel, state_bytes
 from dinov2.layers.init import EAGER, GROUP_NUMEL, KeyedInit, keyed_rows
-from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.trainer import build_meta_arch, build_training, construct_meta_arch, train
 
 TESTS = Path(__file__).resolve().parent
@@ -217,9 +217,7 @@ def runs(tmp_path_factory):
 
 
 def _final(cfg, run: Path) -> dict[str, torch.Tensor]:
-    model = build_meta_arch(cfg, torch.device("cpu"))
-    CheckpointManager(run / "checkpoints").load(run / "checkpoints" / f"ckpt_{STEPS:08d}", model, None)
-    return model.state_dict()
+    return checkpoint_state(cfg, run / "checkpoints", f"ckpt_{STEPS:08d}")
 
 
 def _max_diff(a, b) -> float:
