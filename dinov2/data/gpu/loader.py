@@ -130,11 +130,9 @@ class GPUTrainLoader(SamplerPositioned):
         self.mask_cfg = masks
         self.patch_size = patch_size
         self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self.global_batch_size = batch_size * world_size
         self.mask_workers = mask_workers
+        # the stream's seed, rank and world size live in the sampler
         self.sampler = InfiniteSampler(
             n, seed=seed, rank=rank, world_size=world_size, start=start_iteration * self.global_batch_size,
             return_positions=True,
@@ -144,8 +142,8 @@ class GPUTrainLoader(SamplerPositioned):
 
     def _masks(self, start_position: int) -> Iterator[dict[str, Any]]:
         size = self.augment.cfg.global_crops_size
-        dataset = _BatchMasks(2 * self.batch_size, (size // self.patch_size,) * 2, self.mask_cfg, self.seed)
-        firsts = _Arithmetic(start_position + self.rank, self.world_size * self.batch_size)
+        dataset = _BatchMasks(2 * self.batch_size, (size // self.patch_size,) * 2, self.mask_cfg, self.sampler.seed)
+        firsts = _Arithmetic(start_position + self.sampler.rank, self.global_batch_size)
         if self.mask_workers <= 0:
             return (dataset[p] for p in firsts)
         loader = torch.utils.data.DataLoader(
@@ -167,7 +165,7 @@ class GPUTrainLoader(SamplerPositioned):
             index = torch.tensor([i for _, i in items], dtype=torch.long).to(self.device, non_blocking=True)
             batch = collate_gpu(
                 self.images.index_select(0, index), positions, self.labels.index_select(0, index),
-                self.augment, self.mask_cfg, self.patch_size, self.seed, masks=next(masks),
+                self.augment, self.mask_cfg, self.patch_size, self.sampler.seed, masks=next(masks),
             )  # fmt: skip
             self.sampler.advance(self.global_batch_size)
             yield batch
