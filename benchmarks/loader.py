@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import statistics
 import sys
@@ -41,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.devices import run_header  # noqa: E402
+from benchmarks.results import load_results, save_results  # noqa: E402
 from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
 
 # Naive timm student + teacher step on one H100 (ENVIRONMENT.md, measured 2026-11-23).
@@ -192,7 +192,7 @@ def report(header: dict[str, str], rows: list[dict[str, Any]], args: argparse.Na
         section = "loader-tiny" if args.tiny else "loader"
         print(f"table written to {update_markdown(args.markdown, section, body)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        save_results(args.json, header, rows)
     return body
 
 
@@ -216,11 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        header, rows = saved["header"], saved["rows"]
-    else:
-        header, rows = measure(args)
+    header, rows = load_results(args.from_json) if args.from_json else measure(args)
     report(header, rows, args)
     return rows
 

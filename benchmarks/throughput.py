@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -57,6 +56,7 @@ from benchmarks.devices import (  # noqa: E402
     synchronize,
 )
 from benchmarks.flops import count_flops, ssl_step_flops  # noqa: E402
+from benchmarks.results import load_results, save_results  # noqa: E402
 from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
 from benchmarks.timing import matmul_peak, time_steps  # noqa: E402
 
@@ -444,7 +444,7 @@ def _measure(args: argparse.Namespace, env: Any) -> tuple[dict[str, str], list[R
 
 
 def save_json(path: str, header: dict[str, str], rows: list[Row]) -> None:
-    Path(path).write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
+    save_results(path, header, [asdict(r) for r in rows])
 
 
 def _flops(rate: float) -> str:
@@ -469,9 +469,9 @@ def report(header: dict[str, str], rows: list[Row], args: argparse.Namespace) ->
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
+        header, saved = load_results(args.from_json)
         known = set(Row.__dataclass_fields__)
-        header, rows = saved["header"], [Row(**{k: v for k, v in r.items() if k in known}) for r in saved["rows"]]
+        rows = [Row(**{k: v for k, v in r.items() if k in known}) for r in saved]
     else:
         header, rows = measure(args)
     report(header, rows, args)

@@ -188,12 +188,9 @@ class ManifestConfig:
 
 
 @dataclass
-class PackConfig:
-    """``pack``: images (folder, file list, manifest or shards) -> tar shards (data_curation.pack)."""
+class ShardSetConfig:
+    """How a shard set is laid out: the fields ``pack`` and ``export-shards`` share (data_curation.pack)."""
 
-    kind: str = "folder"  # folder | filelist | manifest | shards: what `path` is
-    path: str = ""  # the images to pack
-    output: str = "shards"  # folder for the shards (relative: to the work dir)
     name: str = "train"  # shard file names: {name}-000000.tar, ...
     samples_per_shard: int = 10_000
     shuffle: bool = True  # shuffle the samples across shards (seeded); false keeps the input order
@@ -203,17 +200,20 @@ class PackConfig:
 
 
 @dataclass
-class ExportShardsConfig:
+class PackConfig(ShardSetConfig):
+    """``pack``: images (folder, file list, manifest or shards) -> tar shards (data_curation.pack)."""
+
+    kind: str = "folder"  # folder | filelist | manifest | shards: what `path` is
+    path: str = ""  # the images to pack
+    output: str = "shards"  # folder for the shards (relative: to the work dir)
+
+
+@dataclass
+class ExportShardsConfig(ShardSetConfig):
     """``export-shards``: the manifest's images -> new shuffled tar shards (data_curation.export_shards)."""
 
     manifest: str = ""  # default: <workdir>/manifest/manifest.csv (or manifest.output)
     output: str = "export_shards"  # folder for the shards (relative: to the work dir)
-    name: str = "train"
-    samples_per_shard: int = 10_000
-    shuffle: bool = True
-    seed: int = 0
-    verify: bool = True
-    num_threads: int = 4
 
 
 @dataclass

@@ -82,10 +82,7 @@ def run_decontaminate(workdir: str | Path, cfg: CurationConfig | None = None, fo
     eval_dirs = [resolve_path(workdir, p) for p in c.eval_sets]
     pool_dim = emb_io.read_meta(emb_dir)["dim"]
     for eval_dir in eval_dirs:
-        if emb_io.read_meta(eval_dir)["dim"] != pool_dim:
-            raise CurationError(
-                f"{eval_dir} has {emb_io.read_meta(eval_dir)['dim']}-d embeddings, the pool {pool_dim}-d"
-            )
+        emb_io.check_dim(eval_dir, pool_dim, str(eval_dir))
     c = replace(c, threshold=resolved_threshold(workdir, cfg, "decontaminate"))
     dedup_done = read_done(workdir, "dedup")
     fp = fingerprint(

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from data_curation.atomic import read_lines, save_npy, write_json, write_lines
+from data_curation.errors import CurationError
 
 FORMAT_NAME = "dinov2-curation-embeddings"
 FORMAT_VERSION = 1
@@ -188,6 +189,14 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{meta_file} is not a {FORMAT_NAME} meta file")
     return meta
+
+
+def check_dim(directory: str | Path, dim: int, name: str) -> None:
+    """A :class:`CurationError` unless the embeddings in ``directory`` (called ``name`` in the message)
+    are ``dim``-d like the pool's."""
+    found = read_meta(directory)["dim"]
+    if found != dim:
+        raise CurationError(f"{name} has {found}-d embeddings, the pool {dim}-d")
 
 
 def embeddings_fingerprint(directory: str | Path) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from data_curation.pack import PackInput, ShardSetSettings, write_shard_set
+from data_curation.pack import PackInput, write_shard_set
 from data_curation.workdir import resolve_path
 
 if TYPE_CHECKING:
@@ -44,12 +44,11 @@ def run_export_shards(workdir: str | Path, cfg: CurationConfig | None = None, fo
     manifest = manifest_path(workdir, cfg)
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: run the manifest stage first, or set export_shards.manifest")
-    settings = ShardSetSettings(e.name, e.samples_per_shard, e.shuffle, e.seed, e.verify, e.num_threads)
     out = resolve_path(workdir, e.output)
     return write_shard_set(
         PackInput("manifest", str(manifest.resolve()), key="export_shards.manifest"),
         out,
-        settings,
+        e,
         force=force,
         progress=cfg.progress,
         section="export_shards",

@@ -191,17 +191,16 @@ def hierarchical_kmeans(
     n_clusters: Sequence[int],
     n_resampling_steps: Sequence[int] | int = 0,
     sample_size: Sequence[int] | int = 0,
-    niter: int = 20,
     seed: int = 0,
-    spherical: bool = True,
-    max_points_per_centroid: int = 256,
-    use_gpu: str | bool = "auto",
-    verbose: bool = False,
-    init: str = "kmeans++",
     done_levels: Sequence[Level] = (),
     on_level: Callable[[int, Level], None] | None = None,
+    **kmeans_options: Any,
 ) -> list[Level]:
     """Levels 1..L of hierarchical k-means; level l clusters the centroids of level l - 1.
+
+    ``kmeans_options`` are :func:`kmeans_with_resampling`'s (``niter``, ``spherical``,
+    ``max_points_per_centroid``, ``use_gpu``, ``verbose``, ``init``), the same at every level;
+    level l is seeded ``seed + 1000 * l``.
 
     ``done_levels`` are already computed levels to resume from; ``on_level(l, level)`` is called
     after each newly computed level (l starts at 1), e.g. to save it.
@@ -218,13 +217,8 @@ def hierarchical_kmeans(
             n_clusters[l],
             steps[l],
             sizes[l],
-            niter=niter,
             seed=seed + 1000 * (l + 1),
-            spherical=spherical,
-            max_points_per_centroid=max_points_per_centroid,
-            use_gpu=use_gpu,
-            verbose=verbose,
-            init=init,
+            **kmeans_options,
         )
         levels.append(level)
         if on_level is not None:

@@ -42,7 +42,7 @@ from data_curation.atomic import read_lines, write_json, write_lines
 from data_curation.workdir import fingerprint, resolve_path
 
 if TYPE_CHECKING:
-    from data_curation.config import CurationConfig
+    from data_curation.config import CurationConfig, ShardSetConfig
 
 log = logging.getLogger(__name__)
 
@@ -137,34 +137,24 @@ def read_item(item: PackItem, verify: bool) -> tuple[bytes, str, int, dict[str, 
 
 
 # ------------------------------------------------------------------------------------------ output
-@dataclass(frozen=True)
-class ShardSetSettings:
-    """How a shard set is laid out (the fields of ``pack`` / ``export_shards`` that shape the output)."""
-
-    name: str = "train"
-    samples_per_shard: int = 10_000
-    shuffle: bool = True
-    seed: int = 0
-    verify: bool = True
-    num_threads: int = 4
-
-    def check(self, section: str) -> None:
-        if self.samples_per_shard < 1:
-            raise ValueError(f"{section}.samples_per_shard must be >= 1, got {self.samples_per_shard}")
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"{section}.name must be a plain file name prefix, got {self.name!r}")
+def check_shard_set(settings: ShardSetConfig, section: str) -> None:
+    """``settings`` (a ``pack`` or ``export_shards`` section) name a valid shard set."""
+    if settings.samples_per_shard < 1:
+        raise ValueError(f"{section}.samples_per_shard must be >= 1, got {settings.samples_per_shard}")
+    if not settings.name or "/" in settings.name or settings.name.startswith("."):
+        raise ValueError(f"{section}.name must be a plain file name prefix, got {settings.name!r}")
 
 
 def _width(count: int) -> int:
     return max(6, len(str(max(count - 1, 0))))
 
 
-def shard_names(settings: ShardSetSettings, num_shards: int) -> list[str]:
+def shard_names(settings: ShardSetConfig, num_shards: int) -> list[str]:
     width = _width(num_shards)
     return [f"{settings.name}-{s:0{width}d}.tar" for s in range(num_shards)]
 
 
-def dataset_path(out: Path, settings: ShardSetSettings, num_shards: int) -> str:
+def dataset_path(out: Path, settings: ShardSetConfig, num_shards: int) -> str:
     """The ``data.dataset.path`` (a brace pattern) that names every shard of the set."""
     width = _width(num_shards)
     if num_shards == 1:
@@ -188,7 +178,7 @@ def _remove_plan_files(out: Path, plan: dict[str, Any]) -> None:
 def write_shard_set(
     source: PackInput,
     out: Path,
-    settings: ShardSetSettings,
+    settings: ShardSetConfig,
     *,
     force: bool = False,
     progress: bool = True,
@@ -199,7 +189,7 @@ def write_shard_set(
 
     from dinov2.data.shard_writer import ShardWriter
 
-    settings.check(section)
+    check_shard_set(settings, section)
     n = len(source)
     num_shards = max(1, -(-n // settings.samples_per_shard))
     names = shard_names(settings, num_shards)
@@ -330,5 +320,4 @@ def run_pack(workdir: str | Path, cfg: CurationConfig | None = None, force: bool
     cfg = cfg or CurationConfig()
     p = cfg.pack
     source = PackInput(p.kind, os.path.abspath(os.path.expanduser(p.path)) if p.path else "")
-    settings = ShardSetSettings(p.name, p.samples_per_shard, p.shuffle, p.seed, p.verify, p.num_threads)
-    return write_shard_set(source, resolve_path(workdir, p.output), settings, force=force, progress=cfg.progress)
+    return write_shard_set(source, resolve_path(workdir, p.output), p, force=force, progress=cfg.progress)

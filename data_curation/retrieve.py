@@ -181,8 +181,7 @@ def _check_inputs(r: RetrieveConfig, n_pool: int, dim: int, query_dirs: list[Pat
     for q, qdir in zip(r.query_sets, query_dirs):
         if q.method == "sample" and q.k < 1:
             raise CurationError(f"query set {q.path}: k must be at least 1")
-        if emb_io.read_meta(qdir)["dim"] != dim:
-            raise CurationError(f"query set {qdir} has {emb_io.read_meta(qdir)['dim']}-d embeddings, the pool {dim}-d")
+        emb_io.check_dim(qdir, dim, f"query set {qdir}")
 
 
 def _pool_clusters(pool: np.ndarray, r: RetrieveConfig, cfg: CurationConfig, out: Path) -> tuple[np.ndarray, ...]:

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.trainer import build_meta_arch
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DINOV2_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -96,6 +99,28 @@ def curation_model(request) -> PretrainedRun:
 
 def uses_cpu_fixture_model() -> bool:
     return not os.environ.get("DINOV2_CURATION_MODEL")
+
+
+# ------------------------------------------------------------------------- backbone output checks
+def seeded_images(size: int) -> torch.Tensor:
+    """Two random ``size × size`` images, the same for a given size."""
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+
+
+@torch.no_grad()
+def all_tokens(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A backbone's output as one ``(B, 1 + registers + patches, D)`` tensor, the layout timm and HF return."""
+    out = model(x)
+    return torch.cat([out["cls"][:, None], out["registers"], out["patch"]], dim=1)
+
+
+def checkpoint_state(cfg, checkpoints: Path, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The meta-arch state (built from ``cfg``, on the CPU) saved in checkpoint ``name`` of the folder
+    ``checkpoints``; the latest one by default."""
+    model = build_meta_arch(cfg, torch.device("cpu"))
+    manager = CheckpointManager(checkpoints)
+    manager.load(manager.latest() if name is None else checkpoints / name, model, None)
+    return model.state_dict()
 
 
 # ------------------------------------------------------------------------------------------- SLURM

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import checkpoint_state
 from tiny_config import TINY
 
 from dinov2.config import load_config
@@ -309,12 +310,7 @@ def test_stop_request_checkpoints_and_the_next_run_resumes_exactly(tmp_path):
     second = train(cfg)
     assert not second.interrupted and second.iterations == 4
     train(load_config("train/demo", common + [f"train.output_dir={tmp_path / 'straight'}"]))
-    states = []
-    for run in ("stopped", "straight"):
-        model = build_meta_arch(cfg, torch.device("cpu"))
-        checkpoints = CheckpointManager(tmp_path / run / "checkpoints")
-        checkpoints.load(checkpoints.latest(), model, None)
-        states.append(model.state_dict())
+    states = [checkpoint_state(cfg, tmp_path / run / "checkpoints") for run in ("stopped", "straight")]
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
 

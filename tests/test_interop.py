@@ -14,6 +14,8 @@ import sys
 
 import pytest
 import torch
+from conftest import all_tokens
+from conftest import seeded_images as images
 from safetensors.torch import save_file
 
 from dinov2.config import ModelConfig
@@ -57,16 +59,6 @@ def tiny(ffn: str = "mlp", registers: int = 0, embed_dim: int = 64, depth: int =
             is_norm_weight = name.endswith(("norm1.weight", "norm2.weight")) or name == "norm.weight"
             p.copy_(1.0 + 0.2 * noise if is_norm_weight else noise * (0.1 if p.ndim > 1 else 0.3))
     return model.eval()
-
-
-def images(size: int) -> torch.Tensor:
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
-
-
-@torch.no_grad()
-def our_tokens(model: DinoVisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return torch.cat([out["cls"][:, None], out["registers"], out["patch"]], dim=1)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -123,8 +115,8 @@ def test_timm_export_features_and_back(ffn, registers):
     timm_vit = timm_model(model)
     timm_vit.load_state_dict(exported, strict=True)
     with torch.no_grad():
-        native = max_diff(timm_vit.forward_features(images(NATIVE)), our_tokens(model, images(NATIVE)))
-        other = max_diff(timm_vit.forward_features(images(OTHER)), our_tokens(model, images(OTHER)))
+        native = max_diff(timm_vit.forward_features(images(NATIVE)), all_tokens(model, images(NATIVE)))
+        other = max_diff(timm_vit.forward_features(images(OTHER)), all_tokens(model, images(OTHER)))
     print(f"timm {ffn} reg={registers}: max abs diff {native:.2e} at {NATIVE}px, {other:.2e} at {OTHER}px")
     assert native <= TOL
 
@@ -148,7 +140,7 @@ def test_timm_registers_with_class_position_round_trips_exactly(ffn):
     timm_vit = timm_model(model, no_embed_class=False)
     timm_vit.load_state_dict(exported, strict=True)
     with torch.no_grad():
-        assert max_diff(timm_vit.forward_features(images(NATIVE)), our_tokens(model, images(NATIVE))) <= TOL
+        assert max_diff(timm_vit.forward_features(images(NATIVE)), all_tokens(model, images(NATIVE))) <= TOL
     assert_same_state(from_timm(timm_vit.state_dict()), state)
 
 
@@ -169,7 +161,7 @@ def test_timm_split_swiglu_imports():
             split[key] = value
     timm_vit.load_state_dict(split, strict=True)
     with torch.no_grad():
-        assert max_diff(timm_vit.forward_features(images(NATIVE)), our_tokens(model, images(NATIVE))) <= TOL
+        assert max_diff(timm_vit.forward_features(images(NATIVE)), all_tokens(model, images(NATIVE))) <= TOL
     assert_same_state(from_timm(split), model.state_dict())
 
 
@@ -196,8 +188,8 @@ def test_hf_export_features_and_back(ffn, registers):
     naming = module_naming(hf)
     hf.load_state_dict(export_state_dict(model, "hf", naming=naming), strict=True)
     with torch.no_grad():
-        native = max_diff(hf(pixel_values=images(NATIVE)).last_hidden_state, our_tokens(model, images(NATIVE)))
-        other = max_diff(hf(pixel_values=images(OTHER)).last_hidden_state, our_tokens(model, images(OTHER)))
+        native = max_diff(hf(pixel_values=images(NATIVE)).last_hidden_state, all_tokens(model, images(NATIVE)))
+        other = max_diff(hf(pixel_values=images(OTHER)).last_hidden_state, all_tokens(model, images(OTHER)))
     print(f"HF {ffn} reg={registers}: max abs diff {native:.2e} at {NATIVE}px, {other:.2e} at {OTHER}px")
     assert native <= TOL
 
@@ -215,7 +207,7 @@ def test_hf_hub_named_folder_loads_with_from_pretrained(tmp_path):
     save_file(export_state_dict(model, "hf", naming="hub"), str(tmp_path / "model.safetensors"), {"format": "pt"})
     loaded = type(hf).from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert max_diff(loaded(pixel_values=images(NATIVE)).last_hidden_state, our_tokens(model, images(NATIVE))) <= TOL
+        assert max_diff(loaded(pixel_values=images(NATIVE)).last_hidden_state, all_tokens(model, images(NATIVE))) <= TOL
     ours = load_pretrained_backbone(tmp_path)  # heads from config.json
     assert ours.blocks[0].attn.num_heads == 4
     assert_same_state(ours.state_dict(), model.state_dict())
@@ -248,7 +240,7 @@ def test_load_pretrained_backbone_from_safetensors(tmp_path, layout, ffn, regist
     assert loaded.pos_embed_interpolation == ("reference_reg" if registers else "reference")
     model.pos_embed_interpolation = loaded.pos_embed_interpolation
     for size in (NATIVE, OTHER):  # our own model on both sides: any size agrees
-        assert max_diff(our_tokens(loaded, images(size)), our_tokens(model, images(size))) <= TOL
+        assert max_diff(all_tokens(loaded, images(size)), all_tokens(model, images(size))) <= TOL
 
 
 def test_load_pretrained_backbone_torch_checkpoint_and_defaults(tmp_path):

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import all_tokens, seeded_images
 from safetensors.torch import save_file
 
 from dinov2.config import ModelConfig, PosEmbedInterpolation
@@ -75,16 +76,6 @@ def tiny(registers: int = 0, img_size: int = NATIVE, **kwargs) -> DinoVisionTran
     return model.eval()
 
 
-def images(size: int) -> torch.Tensor:
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
-
-
-@torch.no_grad()
-def features(model: DinoVisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return torch.cat([out["cls"][:, None], out["registers"], out["patch"]], dim=1)
-
-
 @torch.no_grad()
 def reference_features(model: DinoVisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """The features of ``model``'s weights with the reference formula: a model built on the input's own
@@ -97,7 +88,7 @@ def reference_features(model: DinoVisionTransformer, x: torch.Tensor) -> torch.T
     state = dict(model.state_dict())
     state["pos_embed"] = reference_interpolation(model.pos_embed, x.shape, PATCH)
     native.load_state_dict(state, strict=True)
-    return features(native, x)
+    return all_tokens(native, x)
 
 
 @pytest.mark.parametrize("layout", ["hf", "timm"])
@@ -109,10 +100,10 @@ def test_weights_saved_by_hf_and_timm_give_the_reference_features(tmp_path, layo
     assert loaded.pos_embed_interpolation == "reference"
     ours = tiny(pos_embed_interpolation="ours")
     for size in SIZES:
-        x = images(size)
+        x = seeded_images(size)
         expected = reference_features(model, x)
-        diff = (features(loaded, x) - expected).abs().max().item()
-        old = (features(ours, x) - expected).abs().max().item()
+        diff = (all_tokens(loaded, x) - expected).abs().max().item()
+        old = (all_tokens(ours, x) - expected).abs().max().item()
         print(f"{layout} {size}px: loaded vs reference {diff:.1e}; 'ours' vs reference {old:.1e}")
         assert diff <= 1e-6
         if size != NATIVE:

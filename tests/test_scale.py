@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import checkpoint_state
 from tiny_config import TINY
 
 from dinov2.config import ConfigError, MeshConfig, load_config
@@ -32,7 +33,6 @@ from dinov2.distributed.env import distributed_session
 from dinov2.distributed.mesh import mesh_shape
 from dinov2.distributed.plan import build_shapes, local_numel, state_bytes
 from dinov2.layers.init import EAGER, GROUP_NUMEL, KeyedInit, keyed_rows
-from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.trainer import build_meta_arch, build_training, construct_meta_arch, train
 
 TESTS = Path(__file__).resolve().parent
@@ -217,14 +217,22 @@ def runs(tmp_path_factory):
 
 
 def _final(cfg, run: Path) -> dict[str, torch.Tensor]:
-    model = build_meta_arch(cfg, torch.device("cpu"))
-    CheckpointManager(run / "checkpoints").load(run / "checkpoints" / f"ckpt_{STEPS:08d}", model, None)
-    return model.state_dict()
+    return checkpoint_state(cfg, run / "checkpoints", f"ckpt_{STEPS:08d}")
 
 
 def _max_diff(a, b) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _ends_like_one_process(runs, name: str, label: str) -> float:
+    """The largest difference between run ``name``'s final parameters and the 1-process run's, printed
+    and checked against ATOL."""
+    cfg = runs["cfg"]
+    diff = _max_diff(_final(cfg, runs[name] / "run"), _final(cfg, runs["one"] / "run"))
+    print(f"max |param({label}) - param(1 process)| after {STEPS} steps: {diff:.3g}")
+    assert diff <= ATOL
+    return diff
 
 
 @pytest.mark.slow
@@ -252,16 +260,13 @@ def test_no_rank_holds_a_full_network_and_the_plan_bytes_are_exact(runs):
 def test_hsdp_2x2_trains_like_one_process(runs):
     from dinov2.train.metrics import read_metrics
 
-    cfg = runs["cfg"]
-    diff = _max_diff(_final(cfg, runs["four"] / "run"), _final(cfg, runs["one"] / "run"))
-    print(f"max |param(2x2 HSDP) - param(1 process)| after {STEPS} steps: {diff:.3g}")
-    assert diff <= ATOL
+    diff = _ends_like_one_process(runs, "four", "2x2 HSDP")
     four, one = (read_metrics(runs[n] / "run" / "metrics.jsonl") for n in ("four", "one"))
     assert [r["iteration"] for r in four] == [r["iteration"] for r in one] == list(range(STEPS))
     for a, b in zip(four, one, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
     init = torch.load(runs["root"] / "one_step0.pt", weights_only=True)
-    moved = _max_diff(_final(cfg, runs["one"] / "run"), init)
+    moved = _max_diff(_final(runs["cfg"], runs["one"] / "run"), init)
     print(f"max |param change| over the {STEPS} steps: {moved:.3g}")
     assert moved > 1e-4 and moved > 100 * diff  # the comparison is not vacuous
 
@@ -269,7 +274,4 @@ def test_hsdp_2x2_trains_like_one_process(runs):
 @pytest.mark.slow
 def test_resume_on_another_mesh(runs):
     """The 2x2 run's step-2 checkpoint, resumed by 2 processes on a 1-D mesh, ends where 1 process does."""
-    cfg = runs["cfg"]
-    diff = _max_diff(_final(cfg, runs["two"] / "run"), _final(cfg, runs["one"] / "run"))
-    print(f"max |param(2x2 → 2 resumed) - param(1 process)| after {STEPS} steps: {diff:.3g}")
-    assert diff <= ATOL
+    _ends_like_one_process(runs, "two", "2x2 → 2 resumed")

@@ -231,27 +231,28 @@ def _check_completed_run(cluster: SlurmCluster, output_dir: Path, job_id: str) -
     return at
 
 
+def _interrupt_after_first_checkpoint(slurm_cluster, jobs, output_dir, tasks: int, command: list[str]) -> str:
+    """Submit a ``tasks``-task job, run ``command + [job_id]`` once checkpoint CKPT_EVERY is written, and
+    check that the requeued job resumed from a checkpoint written after the interruption and completed."""
+    job_id = _submit(slurm_cluster, output_dir, tasks=tasks)
+    jobs.append(job_id)
+    _wait_for(output_dir / "checkpoints" / f"ckpt_{CKPT_EVERY:08d}" / "meta.json", slurm_cluster, job_id)
+    slurm_cluster.run([*command, job_id])
+    _wait_requeued_then_release(slurm_cluster, job_id, output_dir)
+    # the interruption came after checkpoint CKPT_EVERY was complete: resuming there would mean no checkpoint on it
+    assert _check_completed_run(slurm_cluster, output_dir, job_id) > CKPT_EVERY
+    return job_id
+
+
 @pytest.mark.slurm
 def test_two_task_job_checkpoints_on_timeout_signal_requeues_and_resumes(slurm_cluster, jobs, tmp_path):
     output_dir = tmp_path / "run"
-    job_id = _submit(slurm_cluster, output_dir, tasks=2)
-    jobs.append(job_id)
-    _wait_for(output_dir / "checkpoints" / f"ckpt_{CKPT_EVERY:08d}" / "meta.json", slurm_cluster, job_id)
     # what SLURM sends --signal-delay-s before the time limit (and on preemption)
-    slurm_cluster.run(["scancel", "--signal=USR2", job_id])
-    _wait_requeued_then_release(slurm_cluster, job_id, output_dir)
-    # the signal came after checkpoint CKPT_EVERY was complete: resuming there would mean no checkpoint on it
-    assert _check_completed_run(slurm_cluster, output_dir, job_id) > CKPT_EVERY
+    job_id = _interrupt_after_first_checkpoint(slurm_cluster, jobs, output_dir, 2, ["scancel", "--signal=USR2"])
     log = _job_log(output_dir, job_id)
     assert "process group up: rank 0 of 2 (gloo, from slurm)" in log
 
 
 @pytest.mark.slurm
 def test_scontrol_requeue_checkpoints_and_resumes(slurm_cluster, jobs, tmp_path):
-    output_dir = tmp_path / "run"
-    job_id = _submit(slurm_cluster, output_dir, tasks=1)
-    jobs.append(job_id)
-    _wait_for(output_dir / "checkpoints" / f"ckpt_{CKPT_EVERY:08d}" / "meta.json", slurm_cluster, job_id)
-    slurm_cluster.run(["scontrol", "requeue", job_id])
-    _wait_requeued_then_release(slurm_cluster, job_id, output_dir)
-    assert _check_completed_run(slurm_cluster, output_dir, job_id) > CKPT_EVERY
+    _interrupt_after_first_checkpoint(slurm_cluster, jobs, tmp_path / "run", 1, ["scontrol", "requeue"])

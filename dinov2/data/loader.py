@@ -22,7 +22,7 @@ from dinov2.data.augmented import AugmentedDataset
 from dinov2.data.base import ImageDataset
 from dinov2.data.collate import MultiCropCollate
 from dinov2.data.datasets import build_dataset
-from dinov2.data.samplers import InfiniteSampler
+from dinov2.data.samplers import InfiniteSampler, SamplerPositioned
 from dinov2.data.seeding import STREAM_WORKER, derive_seed
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def seed_worker(worker_id: int, base_seed: int) -> None:
     random.seed(seed)
 
 
-class TrainLoader:
+class TrainLoader(SamplerPositioned):
     """Iterable over batches (dicts, see ``collate_multicrop``); tracks what the caller consumed.
 
     Each batch handed out advances the sampler by one global batch, so :meth:`state_dict` is the
@@ -67,13 +67,6 @@ class TrainLoader:
             self.skipped_paths.update(batch["skipped_paths"])
             self.num_skipped = len(self.skipped_paths)
             yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position on the next ``iter()``."""
-        self.sampler.load_state_dict(state)
 
 
 def build_train_loader(

@@ -147,3 +147,17 @@ class InfiniteSampler(torch.utils.data.Sampler):
                     "resuming would not continue the same sample stream"
                 )
         self.position = int(state["position"])
+
+
+class SamplerPositioned:
+    """Mixin for a training loader whose stream is an :class:`InfiniteSampler` (both pipelines' loaders):
+    its resumable position is the sampler's, saved and restored through it."""
+
+    sampler: InfiniteSampler
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int | bool]) -> None:
+        """Continue from a saved position on the next ``iter()``."""
+        self.sampler.load_state_dict(state)

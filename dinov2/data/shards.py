@@ -38,6 +38,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -114,17 +115,12 @@ def pread_exact(fd: int, offset: int, size: int, name: str | Callable[[], str]) 
 
 
 class ShardDataset(ImageDataset):
-    """Every sample with an image in the shards ``spec`` names (see the module docstring)."""
+    """Every sample with an image in the shards ``spec`` names (see the module docstring).
 
-    def __init__(
-        self,
-        spec: str,
-        *,
-        index_cache_dir: str = "",
-        max_bad_fraction: float = 0.5,
-        min_attempts: int = 20,
-    ):
-        super().__init__(max_bad_fraction=max_bad_fraction, min_attempts=min_attempts)
+    ``skip_options`` are :class:`ImageDataset`'s (``max_bad_fraction``, ``min_attempts``)."""
+
+    def __init__(self, spec: str, *, index_cache_dir: str = "", **skip_options: Any):
+        super().__init__(**skip_options)
         self.shards = expand_shard_paths(spec)
         self.source = spec
         self.index_cache_dir = index_cache_dir

@@ -18,6 +18,7 @@ all-gathered and merged into the global top-k, and every rank returns the same r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -125,29 +126,15 @@ def knn_classify(
     test_labels: Tensor,
     ks: Sequence[int] = DEFAULT_KS,
     temperature: float = 0.07,
-    num_classes: int | None = None,
-    batch_size: int = 1024,
-    *,
-    train_chunk_size: int = 65536,
-    device: str | torch.device | None = None,
-    distributed: bool = False,
+    **options: Any,
 ) -> dict[int, float]:
-    """``{k: top-1 accuracy in %}`` of :func:`knn_predict` against ``test_labels``."""
+    """``{k: top-1 accuracy in %}`` of :func:`knn_predict` against ``test_labels``; ``options`` are
+    :func:`knn_predict`'s (``num_classes``, ``batch_size``, ``train_chunk_size``, ``device``,
+    ``distributed``)."""
     if test_feats.shape[0] != test_labels.shape[0]:
         raise ValueError(f"{test_feats.shape[0]} test features but {test_labels.shape[0]} labels")
     if test_feats.shape[0] == 0:
         raise ValueError("k-NN accuracy needs at least one test feature")
-    preds = knn_predict(
-        train_feats,
-        train_labels,
-        test_feats,
-        ks,
-        temperature,
-        num_classes,
-        batch_size,
-        train_chunk_size=train_chunk_size,
-        device=device,
-        distributed=distributed,
-    )
+    preds = knn_predict(train_feats, train_labels, test_feats, ks, temperature, **options)
     target = test_labels.to(torch.int64).cpu()
     return {k: 100.0 * (p == target).double().mean().item() for k, p in preds.items()}

@@ -135,18 +135,18 @@ def linear_probe(
     test_labels: Tensor,
     *,
     lrs: Sequence[float] = DEFAULT_LRS,
-    epochs: int = 10,
-    batch_size: int = 256,
     val_fraction: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
     standardize: bool = True,
     refit: bool = True,
     num_classes: int | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
+    **head_options: Any,
 ) -> dict[str, Any]:
     """Sweep ``lrs`` on a validation split, report the chosen head's test accuracy (see module doc).
+
+    ``head_options`` are :func:`train_linear_heads`'s (``epochs``, ``batch_size``, ``momentum``,
+    ``weight_decay``); ``seed`` draws both the validation split and the heads.
 
     Returns ``{"best_lr": float, "val_acc": {lr: %}, "test_acc": %, "num_train": int, "num_val": int}``
     (``num_train``: samples the swept heads were trained on).
@@ -166,7 +166,7 @@ def linear_probe(
     fit_idx, val_idx = (t.to(device) for t in stratified_split(y, val_fraction, seed))
     if len(val_idx) == 0:
         raise ValueError("the validation split is empty; use more train data or a larger val_fraction")
-    common = dict(epochs=epochs, batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, seed=seed)
+    common = dict(seed=seed, **head_options)
 
     def prepared(reference: Tensor, *parts: Tensor) -> list[Tensor]:
         if not standardize:

@@ -23,7 +23,7 @@ from dinov2.data.datasets import build_dataset
 from dinov2.data.gpu.decode import decode_dataset
 from dinov2.data.gpu.generators import batch_generator
 from dinov2.data.gpu.multicrop import GPUMultiCrop, as_nchw
-from dinov2.data.samplers import InfiniteSampler
+from dinov2.data.samplers import InfiniteSampler, SamplerPositioned
 from dinov2.data.seeding import STREAM_MASKS, numpy_rng
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ class _Arithmetic(torch.utils.data.Sampler):
         return itertools.count(self.start, self.step)
 
 
-class GPUTrainLoader:
+class GPUTrainLoader(SamplerPositioned):
     """Endless, resumable training batches from images held in device memory, augmented there.
 
     The counterpart of :class:`~dinov2.data.loader.TrainLoader` (same ``num_skipped``,
@@ -130,11 +130,9 @@ class GPUTrainLoader:
         self.mask_cfg = masks
         self.patch_size = patch_size
         self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self.global_batch_size = batch_size * world_size
         self.mask_workers = mask_workers
+        # the stream's seed, rank and world size live in the sampler
         self.sampler = InfiniteSampler(
             n, seed=seed, rank=rank, world_size=world_size, start=start_iteration * self.global_batch_size,
             return_positions=True,
@@ -144,8 +142,8 @@ class GPUTrainLoader:
 
     def _masks(self, start_position: int) -> Iterator[dict[str, Any]]:
         size = self.augment.cfg.global_crops_size
-        dataset = _BatchMasks(2 * self.batch_size, (size // self.patch_size,) * 2, self.mask_cfg, self.seed)
-        firsts = _Arithmetic(start_position + self.rank, self.world_size * self.batch_size)
+        dataset = _BatchMasks(2 * self.batch_size, (size // self.patch_size,) * 2, self.mask_cfg, self.sampler.seed)
+        firsts = _Arithmetic(start_position + self.sampler.rank, self.global_batch_size)
         if self.mask_workers <= 0:
             return (dataset[p] for p in firsts)
         loader = torch.utils.data.DataLoader(
@@ -167,17 +165,10 @@ class GPUTrainLoader:
             index = torch.tensor([i for _, i in items], dtype=torch.long).to(self.device, non_blocking=True)
             batch = collate_gpu(
                 self.images.index_select(0, index), positions, self.labels.index_select(0, index),
-                self.augment, self.mask_cfg, self.patch_size, self.seed, masks=next(masks),
+                self.augment, self.mask_cfg, self.patch_size, self.sampler.seed, masks=next(masks),
             )  # fmt: skip
             self.sampler.advance(self.global_batch_size)
             yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position on the next ``iter()``."""
-        self.sampler.load_state_dict(state)
 
 
 def build_gpu_train_loader(
