@@ -1,11 +1,11 @@
 """DINO loss: cross-entropy between teacher CLS targets and student CLS predictions across views."""
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from dinov2.losses.student_softmax import StudentSoftmaxLoss
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(StudentSoftmaxLoss):
     """Multi-crop DINO cross-entropy on the CLS token.
 
     Every student crop is matched against every teacher (global) view, except a student global
@@ -26,13 +26,6 @@ class DINOLoss(nn.Module):
 
     Returns a float32 scalar.
     """
-
-    def __init__(self, student_temp: float = 0.1) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-
-    def extra_repr(self) -> str:
-        return f"student_temp={self.student_temp}"
 
     def forward(
         self,
@@ -59,10 +52,10 @@ class DINOLoss(nn.Module):
         targets = teacher_probs.float()
         target_sum = targets.sum(dim=0)  # (B, K): sum over teacher views
         # Global crop v is paired with every teacher view but its own: weight (sum_t p_t) - p_v.
-        log_p_global = F.log_softmax(student_global.float() / self.student_temp, dim=-1)
+        log_p_global = self.log_probs(student_global)
         total = ((target_sum.unsqueeze(0) - targets) * log_p_global).sum()
         if n_local > 0:
             # Each local crop is paired with all teacher views; summing the crops first is cheaper.
-            log_p_local = F.log_softmax(student_local.float() / self.student_temp, dim=-1)
+            log_p_local = self.log_probs(student_local)
             total = total + (target_sum * log_p_local.sum(dim=0)).sum()
         return -total / (n_pairs * batch)

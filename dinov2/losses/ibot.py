@@ -1,8 +1,8 @@
 """iBOT loss: cross-entropy between teacher and student on masked patch tokens, weighted per image."""
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from dinov2.losses.student_softmax import StudentSoftmaxLoss
 
 
 def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(per_image_weight, per_image_count)
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(StudentSoftmaxLoss):
     """Masked-patch cross-entropy with per-image weighting.
 
     ``loss = -sum_m w_m * sum_k p_m[k] * log softmax(s_m / student_temp)[k] / n_images``
@@ -45,13 +45,6 @@ class IBOTPatchLoss(nn.Module):
     Returns a float32 scalar.
     """
 
-    def __init__(self, student_temp: float = 0.1) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-
-    def extra_repr(self) -> str:
-        return f"student_temp={self.student_temp}"
-
     def forward(
         self,
         student_logits: torch.Tensor,
@@ -68,7 +61,7 @@ class IBOTPatchLoss(nn.Module):
         if weights.ndim != 1 or n_real > student_logits.shape[0]:
             max_rows = student_logits.shape[0]
             raise ValueError(f"weights must be 1-D with at most {max_rows} entries, got {tuple(weights.shape)}")
-        log_p = F.log_softmax(student_logits[:n_real].float() / self.student_temp, dim=-1)
+        log_p = self.log_probs(student_logits[:n_real])
         cross_entropy = -(teacher_probs[:n_real].float() * log_p).sum(dim=-1)  # (M,)
         total = (cross_entropy * weights.float()).sum()
         if isinstance(n_images, torch.Tensor):
