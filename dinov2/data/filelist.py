@@ -13,10 +13,9 @@ import csv
 import os
 
 import numpy as np
-from PIL import Image
 
-from dinov2.data.base import ImageDataset, require_path
-from dinov2.data.decode import decode_image
+from dinov2.data.base import require_path
+from dinov2.data.image_files import ImageFilesDataset
 from dinov2.data.string_array import StringArray
 
 
@@ -87,7 +86,7 @@ def encode_labels(raw: list[str | None]) -> tuple[np.ndarray, list[str]]:
     return np.array([index[r] if r else -1 for r in raw], dtype=np.int64), classes
 
 
-class FileListDataset(ImageDataset):
+class FileListDataset(ImageFilesDataset):
     """The images a ``.txt`` or ``.csv`` list names, in list order, with their optional labels."""
 
     def __init__(self, path: str | os.PathLike, *, max_bad_fraction: float = 0.5, min_attempts: int = 20):
@@ -104,18 +103,3 @@ class FileListDataset(ImageDataset):
 
     def _read(self, path: str) -> tuple[list[str], list[str | None]]:
         return read_csv_list(path) if path.lower().endswith(".csv") else read_text_list(path)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def path(self, index: int) -> str:
-        return os.path.join(self.base_dir, self._paths[index])  # join keeps absolute paths as they are
-
-    def load(self, index: int) -> Image.Image:
-        return decode_image(self.path(index))
-
-    def label(self, index: int) -> int:
-        return int(self.labels[index])
-
-    def describe(self, index: int) -> str:
-        return self.path(index)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
 
-from dinov2.data.base import ImageDataset, require_path
-from dinov2.data.decode import decode_image
+from dinov2.data.base import require_path
+from dinov2.data.image_files import ImageFilesDataset
 from dinov2.data.string_array import StringArray
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -39,7 +38,7 @@ def labels_from_subfolders(relative_paths: list[str]) -> tuple[np.ndarray, list[
     return labels, classes
 
 
-class ImageFolderDataset(ImageDataset):
+class ImageFolderDataset(ImageFilesDataset):
     """Every image below ``root``; labelled by first-level sub-folder when images live in some.
 
     ``classes`` lists the sub-folder names (label ``i`` is ``classes[i]``); it is empty, and every
@@ -48,7 +47,7 @@ class ImageFolderDataset(ImageDataset):
 
     def __init__(self, root: str | os.PathLike, *, max_bad_fraction: float = 0.5, min_attempts: int = 20):
         super().__init__(max_bad_fraction=max_bad_fraction, min_attempts=min_attempts)
-        self.root = require_path(root, directory=True)
+        self.root = self.base_dir = require_path(root, directory=True)
         self.source = self.root
         relative = find_images(self.root)
         if not relative:
@@ -57,18 +56,3 @@ class ImageFolderDataset(ImageDataset):
             )
         self.labels, self.classes = labels_from_subfolders(relative)
         self._paths = StringArray(relative)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def path(self, index: int) -> str:
-        return os.path.join(self.root, self._paths[index])
-
-    def load(self, index: int) -> Image.Image:
-        return decode_image(self.path(index))
-
-    def label(self, index: int) -> int:
-        return int(self.labels[index])
-
-    def describe(self, index: int) -> str:
-        return self.path(index)
