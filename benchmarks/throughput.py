@@ -84,6 +84,7 @@ TINY = [  # a model and crops that step in milliseconds on a CPU core (the recip
 ]
 TINY_LOADER = [  # --tiny --loader: the package's demo images (no files needed), drawn at 16 px
     "data.dataset.kind=demo",
+    "data.dataset.path=''",  # generated images, whatever folder the preset names
     "data.dataset.demo_num_train=64",
     "data.dataset.demo_image_size=16",
     "data.num_workers=0",

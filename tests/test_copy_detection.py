@@ -23,6 +23,7 @@ COPY = (
     + [
         "train.objective=copy_detection",
         "data.dataset.kind=demo",
+        "data.dataset.path=''",
         "data.dataset.demo_num_train=64",
         "data.dataset.demo_num_test=32",
         "data.dataset.demo_image_size=16",

@@ -18,6 +18,7 @@ TINY_MODEL = [
 
 TINY_DATA = [
     "data.dataset.kind=demo",
+    "data.dataset.path=''",  # generated images, whatever folder the preset names
     "data.dataset.demo_num_train=128",
     "data.dataset.demo_num_test=64",
     "data.dataset.demo_image_size=16",
