@@ -12,7 +12,7 @@ import pytest
 
 from data_curation import embeddings as emb_io
 from data_curation.config import CurationConfig, IndexConfig, QuerySetConfig, load_curation_config
-from data_curation.decontaminate import run_decontaminate
+from data_curation.decontaminate import drop_flagged_components, run_decontaminate
 from data_curation.dedup import components, find_duplicate_pairs, run_dedup, select_keep
 from data_curation.index import TorchFlatIndex, build_index, search, torch_search
 from data_curation.kmeans import (
@@ -309,6 +309,16 @@ def test_decontaminate_drops_whole_components(tmp_path):
     flagged = np.load(wd / "decontaminate/flagged.npy")
     assert set(flagged["row"].tolist()) >= {int(hidden), *isolated.tolist()}
 
+
+
+def test_a_flagged_image_takes_its_kept_duplicates_with_it():
+    """Rows 0-1, 2-3 and 4-5 are three dedup components; dedup kept 0, 3 and 5. Row 1 (removed by
+    dedup) matches an evaluation image: its component goes, so row 0 goes although it was not flagged."""
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    kept = np.array([0, 3, 5])
+    assert drop_flagged_components(kept, labels, np.array([1])).tolist() == [3, 5]
+    assert drop_flagged_components(kept, labels, np.array([3, 4])).tolist() == [0]
+    assert drop_flagged_components(kept, labels, np.array([], dtype=np.int64)).tolist() == [0, 3, 5]
 
 # ---------------------------------------------------------------------------------------- retrieve
 def test_retrieval_sample_and_cluster_based(tmp_path):

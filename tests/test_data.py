@@ -391,6 +391,18 @@ def test_masking_generator_usually_hits_its_target_exactly():
 
 
 # ------------------------------------------------------------------------------------------ crops
+def test_crops_are_seeded_by_stream_position_not_by_image():
+    """The same image at two stream positions (two epochs) gets different crops; the same position
+    always the same ones."""
+    cfg = tiny_data_cfg()
+    ds = AugmentedDataset(build_dataset(cfg.dataset), MultiCropAugmentation(cfg.crops), seed=0)
+    n = len(ds)
+    first, again, next_epoch = ds[(3, 3)], ds[(3, 3)], ds[(3 + n, 3)]
+    assert torch.equal(first["global_crops"][0], again["global_crops"][0])
+    assert not torch.equal(first["global_crops"][0], next_epoch["global_crops"][0])
+    assert not torch.equal(first["local_crops"][0], next_epoch["local_crops"][0])
+
+
 def test_multicrop_shapes_ranges_and_determinism():
     cfg = tiny_data_cfg().crops
     cfg.local_crops_number = 3

@@ -183,7 +183,7 @@ def test_the_wiring_reference_is_not_blind():
 
 
 def test_ibot_normaliser_is_the_number_of_global_crops():
-    """Reference DINOv2 (dinov2/loss/ibot_patch_loss.py, forward_masked: ``loss.sum() /
+    """Reference DINOv2 (dinov2/loss/ibot_patch_loss.py:126, forward_masked: ``-loss.sum() /
     student_masks_flat.shape[0]``): the iBOT sum is divided by the number of global crops 2B, masked or
     not — here 8, while only 5 images carry a mask."""
     model = _model(_config())
@@ -249,7 +249,7 @@ def test_train_step_loss_then_adamw_then_ema_of_the_updated_student():
 def test_frozen_last_layer_does_not_move_while_the_rest_trains():
     cfg = _config(["optim.clip_grad=0"])
     training = build_training(cfg, DistEnv(), torch.device("cpu"))
-    last = {id(p) for g in training.optimizer.param_groups if g.get("is_last_layer") for p in g["params"]}
+    last = {id(p) for g in training.optimizer.param_groups if g["is_last_layer"] for p in g["params"]}
     assert last
     before = {n: p.detach().clone() for n, p in training.model.student.named_parameters()}
     training.step(_batch(), _values(freeze=True))

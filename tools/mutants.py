@@ -61,14 +61,22 @@ CURATION = ["tests/test_curation_core.py"]
 class Mutant:
     name: str
     path: str  # file in the repository
-    old: str  # text replaced (must occur exactly once)
-    new: str
+    variants: tuple[tuple[str, str], ...]  # (text replaced, replacement): the first whose text occurs once
     tests: tuple[str, ...]
     what: str  # one line for the table
 
 
-def m(name: str, path: str, old: str, new: str, tests: list[str], what: str) -> Mutant:
-    return Mutant(name, path, old, new, tuple(tests), what)
+def m(name: str, path: str, old: str, new: str, tests: list[str], what: str, after=()) -> Mutant:
+    """``after``: more (old, new) variants, for code that has moved (e.g. once issue 13 lands)."""
+    return Mutant(name, path, ((old, new), *after), tuple(tests), what)
+
+
+# issue 13 (parity) rewrites some of these lines; the same bug is then planted in the new text
+IBOT_CALL_13 = 'parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_global)'
+
+
+def ibot_13(normaliser: str) -> tuple[tuple[str, str]]:
+    return ((IBOT_CALL_13, IBOT_CALL_13.replace("n_global)", f"{normaliser})")),)
 
 
 META = "dinov2/train/meta_arch.py"
@@ -86,16 +94,19 @@ CATALOGUE: list[Mutant] = [
     m("student-unmasked", META,
       "outs = student.backbone(crops, [masks] + [None] * (len(crops) - 1))",
       "outs = student.backbone(crops, [None] * len(crops))",
-      WIRING, "student fed unmasked global crops (no mask tokens)"),
+      WIRING, "student fed unmasked global crops (no mask tokens)",
+      after=[("outs = student.backbone(crops, [masks if self.student_masks else None] + [None] * (len(crops) - 1))",
+              "outs = student.backbone(crops, [None] * len(crops))")]),
     m("ibot-norm-masked-patches", META,
       "n_masked_images = masks.any(dim=1).sum()", "n_masked_images = masks.sum()",
-      WIRING, "iBOT normaliser: number of masked patches"),
+      WIRING, "iBOT normaliser: number of masked patches", after=ibot_13("masks.sum()")),
     m("ibot-norm-batch", META,
       "n_masked_images = masks.any(dim=1).sum()", "n_masked_images = masks.shape[0] // 2",
-      WIRING, "iBOT normaliser: B instead of the masked images"),
-    m("ibot-norm-global-crops", META,
+      WIRING, "iBOT normaliser: B images", after=ibot_13("masks.shape[0] // 2")),
+    m("ibot-norm-other-convention", META,
       "n_masked_images = masks.any(dim=1).sum()", "n_masked_images = masks.shape[0]",
-      WIRING, "iBOT normaliser: 2B (the reference's; the strict xfail XPASSes until parity lands)"),
+      WIRING, "iBOT normaliser: the other convention (2B before issue 13: the strict xfail XPASSes; "
+      "the masked images after it)", after=ibot_13("masks.any(dim=1).sum()")),
     m("koleo-both-views-at-once", META,
       "sum(self.koleo_loss(view) for view in global_cls.chunk(2))", "self.koleo_loss(global_cls)",
       WIRING, "KoLeo over both global views together, not per view"),
@@ -151,7 +162,8 @@ CATALOGUE: list[Mutant] = [
       [*RESUME, *WIRING], "gradients never cleared (accumulate over steps)"),
     m("last-layer-never-frozen", TRAINER,
       "    if values.freeze_last_layer:", "    if False:",
-      WIRING, "prototype layer not frozen during freeze_last_layer_epochs"),
+      WIRING, "prototype layer not frozen during freeze_last_layer_epochs",
+      after=[("last_layer_lr = 0.0 if values.freeze_last_layer else values.lr", "last_layer_lr = values.lr")]),
     m("resume-ignores-sample-position", TRAINER,
       "    if sample_position is not None:", "    if False:",
       RESUME, "resume ignores the saved sample position"),
@@ -166,9 +178,9 @@ CATALOGUE: list[Mutant] = [
     m("rng-not-restored", CKPT,
       'elif meta["world_size"] == _world() and rng_file.is_file():', "elif False:",
       RESUME, "RNG state not restored on resume (stochastic depth diverges)"),
-    m("optimizer-state-not-loaded", CKPT,
-      'set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)', "pass",
-      RESUME, "AdamW moments not restored on resume"),
+    m("optimizer-not-restored", TRAINER,
+      "resumed = checkpoints.load(latest, model, optimizer)", "resumed = checkpoints.load(latest, model, None)",
+      RESUME, "AdamW moments and step count not restored on resume"),
     m("checkpoint-position-per-rank", TRAINER,
       'sample_position=loader.state_dict()["position"]',
       "sample_position=done * cfg.data.batch_size_per_gpu",
@@ -206,7 +218,8 @@ CATALOGUE: list[Mutant] = [
     m("augmentation-seeded-by-index", "dinov2/data/augmented.py",
       "derive_seed(self.seed, STREAM_AUGMENTATION, position)",
       "derive_seed(self.seed, STREAM_AUGMENTATION, index)",
-      ["tests/test_data.py"], "crops seeded by dataset index: the same crops every epoch"),
+      ["tests/test_data.py::test_crops_are_seeded_by_stream_position_not_by_image", *SAMPLER],
+      "crops seeded by dataset index: the same crops every epoch"),
     # ------------------------------------------------------------------ curation
     m("dedup-self-pairs", "data_curation/dedup.py",
       "hit = (sims > threshold) & (ids >= 0) & (ids != rows)", "hit = (sims > threshold) & (ids >= 0)",
@@ -219,9 +232,9 @@ CATALOGUE: list[Mutant] = [
       "return kept[~np.isin(labels[kept], bad_components)]",
       "return kept[~np.isin(kept, flagged_rows)]",
       CURATION, "decontamination drops the flagged image but keeps its duplicates"),
-    m("water-fill-strict", "data_curation/sample.py",
-      "if np.minimum(caps, mid).sum() <= budget:", "if np.minimum(caps, mid).sum() < budget:",
-      CURATION, "balanced sampling level found one short"),
+    m("water-fill-remainder-anywhere", "data_curation/sample.py",
+      "room = np.flatnonzero(caps > lo)", "room = np.arange(len(caps))",
+      CURATION, "balanced sampling gives the remainder to full (or empty) clusters too"),
     m("water-fill-no-remainder", "data_curation/sample.py",
       "        alloc[extra] += 1\n", "        pass\n",
       CURATION, "balanced sampling drops the remainder (under budget)"),
@@ -269,9 +282,11 @@ def first_failure(output: str) -> str:
 def run_mutant(copy: Path, mutant: Mutant, timeout: int) -> Outcome:
     target = copy / mutant.path
     original = target.read_text()
-    if original.count(mutant.old) != 1:
-        return Outcome(mutant, "stale", f"text found {original.count(mutant.old)}×", 0.0)
-    target.write_text(original.replace(mutant.old, mutant.new))
+    found = [(old, new) for old, new in mutant.variants if original.count(old) == 1]
+    if not found:
+        return Outcome(mutant, "stale", "its text is not in the code (once)", 0.0)
+    old, new = found[0]
+    target.write_text(original.replace(old, new))
     start = time.perf_counter()
     try:
         rc, output = run_tests(copy, mutant.tests, timeout)
