@@ -175,7 +175,7 @@ def step_config(dry: bool, ac: str, compiled: bool, fsdp: bool, batch: int):
         f"distributed.activation_checkpointing={ac}",
         f"distributed.compile={str(compiled).lower()}",
         f"distributed.fsdp={str(fsdp).lower()}",
-    ]  # the preset's efficient stochastic depth (0.1; the tiny model's 0.2): a new random subset every step
+    ]  # the preset's efficient stochastic depth (0.3; the tiny model's 0.2): a new random subset every step
     if dry:
         overrides += TINY + ["distributed.param_dtype=fp32"]
     return load_config("train/vits14", overrides)

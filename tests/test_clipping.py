@@ -140,3 +140,55 @@ def test_fsdp_dtensor_gradients_give_the_plain_norms():
     assert grads.keys() == {n for n, p in plain.named_parameters() if p.grad is not None}
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain.get_parameter(name).grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _two_rank_worker(rank, world, init_file, out_dir):
+    """Rank ``rank`` of a 2-rank gloo group: the FSDP2-sharded network, backward on its half of the batch,
+    per-module clipping; saves the norms and the gathered clipped gradients."""
+    import os
+
+    import torch.distributed as dist
+
+    from dinov2.distributed.parallelize import mixed_precision_policy, shard_network
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = load_config("train/demo", ["distributed.param_dtype=fp32"])
+        network = _network()
+        shard_network(network, mixed_precision_policy(cfg.distributed))
+        x = _two_rank_batch()[4 * rank : 4 * rank + 4]
+        _two_rank_loss(network, x).backward()  # FSDP2 averages the gradients over the ranks
+        norms = clip_gradients(network, max_norm=1.0)
+        grads = {n: p.grad.full_tensor() for n, p in network.named_parameters() if p.grad is not None}
+        torch.save({"norms": norms, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_rank_batch() -> torch.Tensor:
+    return torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+
+def _two_rank_loss(network: Network, x: torch.Tensor) -> torch.Tensor:
+    cls = network.backbone(x)["cls"].clone()
+    return network.dino_head(cls).square().mean() + 100 * network.ibot_head(cls).mean()
+
+
+@pytest.mark.slow  # two spawned processes: ~15 s of CPU, over a minute on a loaded 2-core machine
+def test_two_rank_fsdp_clipping_equals_one_process(tmp_path):
+    """Two gloo ranks, FSDP2 shards over both: every rank gets the norms and clipped gradients of one
+    process on the whole batch (the norms are reduced over the ranks' shards before scaling)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    plain = _network()
+    _two_rank_loss(plain, _two_rank_batch()).backward()
+    norms = clip_gradients(plain, max_norm=1.0)
+    assert norms["ibot_head"] > 1.0 and norms["backbone"] > 1.0  # clipping active on two units
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, norm in norms.items():
+            torch.testing.assert_close(got["norms"][name], norm, rtol=1e-5, atol=0, msg=f"rank {rank} {name}")
+        for name, grad in got["grads"].items():
+            torch.testing.assert_close(grad, plain.get_parameter(name).grad, rtol=1e-4, atol=1e-6, msg=name)
