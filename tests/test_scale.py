@@ -264,3 +264,35 @@ def test_resume_on_another_mesh(runs):
     diff = _max_diff(_final(cfg, runs["two"] / "run"), _final(cfg, runs["one"] / "run"))
     print(f"max |param(2x2 → 2 resumed) - param(1 process)| after {STEPS} steps: {diff:.3g}")
     assert diff <= ATOL
+
+
+def test_distillation_teacher_from_a_run_is_loaded_into_shards(tmp_path):
+    """A run's teacher is built on meta, sharded and filled by DCP shard by shard: same values as the
+    whole-network load (the 2-process case: tests/test_distill.py::test_two_process_fsdp_distillation)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from dinov2.distill.meta_arch import load_teacher
+    from dinov2.distributed.mesh import build_mesh
+    from dinov2.distributed.teacher_load import load_teacher_sharded
+
+    run = tmp_path / "teacher"
+    train(
+        load_config("train/demo", TINY + [f"train.output_dir={run}", "train.max_iterations=1", "eval.final_knn=false"])
+    )
+    distill = TINY + ["distill.enabled=true", f"distill.teacher_checkpoint={run}", "distributed.fsdp=true"]
+    cfg = load_config("train/demo", distill + [f"train.output_dir={tmp_path / 'student'}"])
+    whole = load_teacher(cfg).state_dict()
+    with distributed_session("gloo", always=True) as env:
+        mesh = build_mesh(cfg.distributed.mesh, env, torch.device("cpu"))
+        teacher = load_teacher_sharded(cfg, mesh, torch.device("cpu"))
+        assert all(hasattr(p, "to_local") and not p.requires_grad for p in teacher.parameters())
+        sharded = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True))
+        training = build_training(cfg, env, torch.device("cpu"))
+        in_model = get_model_state_dict(training.model.teacher, options=StateDictOptions(full_state_dict=True))
+    assert sharded.keys() == whole.keys() == in_model.keys()
+    for key, value in whole.items():
+        assert torch.equal(sharded[key], value) and torch.equal(in_model[key], value), key
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # a file, not a run: the caller loads it whole
+    other = load_config("train/demo", TINY + ["distill.enabled=true", f"distill.teacher_checkpoint={weights}"])
+    assert load_teacher_sharded(other, None, torch.device("cpu")) is None
