@@ -6,7 +6,9 @@ share one module fixture of three real runs (gloo, CPU, fp32 parameters, no iBOT
 stochastic depth, which are per rank batch by design), global batch 8, 3 AdamW steps:
 
 * ``four``: 4 processes as a 2×2 HSDP mesh (replicate 2 × shard 2), 2 images each;
-* ``two``: 2 processes on a 1-D mesh, 4 images each, resuming ``four``'s step-2 checkpoint;
+* ``two``: 2 processes on a 1-D mesh, 4 images each, resuming ``four``'s step-2 checkpoint, with the
+  non-default resharding (none after forward) and prefetch (2 blocks ahead in forward, none explicit
+  in backward);
 * ``one``: 1 process, 8 images, no sharding.
 
 Each multi-process run also dumps its gathered step-0 state and, per rank, its local tensor sizes and
@@ -199,7 +201,10 @@ def runs(tmp_path_factory):
     shutil.copytree(four / "run", partial)
     shutil.rmtree(partial / "checkpoints" / f"ckpt_{STEPS:08d}")
     two = root / "two"
-    _torchrun(2, two, str(partial), COMMON + ["data.batch_size_per_gpu=4"])
+    # with the non-default resharding and prefetch choices, which must not change the numbers
+    choices = ["distributed.student_reshard_after_forward=false", "distributed.teacher_reshard_after_forward=false"]
+    choices += ["distributed.forward_prefetch=2", "distributed.backward_prefetch=0"]
+    _torchrun(2, two, str(partial), COMMON + ["data.batch_size_per_gpu=4", *choices])
     one = root / "one"
     cfg = load_config("train/demo", COMMON + [f"train.output_dir={one / 'run'}"])
     train(cfg)
