@@ -7,7 +7,7 @@ EXTRAS ?= curation,slurm,dev
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test slurm-deps demo bench lint clean-venv gpu-check gpu-carry
+.PHONY: install test slurm-deps demo bench lint clean-venv gpu-check gpu-carry mutants
 
 # torch first, from the pinned wheels (ENVIRONMENT.md); a stamp keeps re-runs from reinstalling.
 $(VENV)/.torch-stamp:
@@ -57,3 +57,8 @@ lint: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Plant the catalogued bugs one at a time in a scratch copy and run the fast tests that should catch each
+# (tools/mutants.py); the table goes to docs/TESTING.md. ~15-25 min on 2 cores: not part of `make test`.
+mutants: install
+	$(PY) tools/mutants.py --baseline --markdown docs/TESTING.md

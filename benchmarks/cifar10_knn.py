@@ -1,7 +1,7 @@
 """CIFAR-10 from scratch for a fixed wall-clock budget on one GPU, then k-NN on the 10k test split.
 
 The 50k train images are decoded once into device memory (``uint8``); every batch is cut, coloured and
-masked on the device by :class:`~dinov2.data.gpu_augmentations.GPUTrainLoader` (``data.pipeline=gpu``)
+masked on the device by :class:`~dinov2.data.gpu.loader.GPUTrainLoader` (``data.pipeline=gpu``)
 with the crop parameters of ``configs/train/cifar10.yaml``. The model, losses, optimizer, schedules and
 step are the trainer's (``dinov2.train.trainer.build_training``: ``SSLMetaArch``, ``parallelize``,
 ``param_groups``/``build_optimizer``; ``Schedules``; the step is ``Training.step``). Compiled blocks
@@ -22,7 +22,6 @@ k-NN-vs-epoch curves as PNG (and JSON) in ``--output-dir``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -36,14 +35,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
 
 import torch  # noqa: E402
 
-from benchmarks.common import (  # noqa: E402
-    format_table,
-    header_lines,
-    resolve_device,
-    run_header,
-    synchronize,
-    update_markdown,
-)
+from benchmarks.devices import amp_context, resolve_device, run_header, synchronize  # noqa: E402
+from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DINOV2_SHARED_DATA", REPO.parent / "shared" / "data")) / "cifar10"
@@ -73,7 +66,7 @@ TARGET_TOP1 = 85.0
 def load_split(root: Path, split: str, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``uint8 (N, 32, 32, 3)`` and labels of a blobs split; ``count``: an evenly strided subset."""
     from dinov2.data.blobs import BlobDataset
-    from dinov2.data.gpu_augmentations import decode_dataset
+    from dinov2.data.gpu import decode_dataset
 
     dataset = BlobDataset(root, split)
     indices = None
@@ -93,7 +86,7 @@ def tensor_features(
     device = images.device
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = amp_context(device)
     was_training = backbone.training
     backbone.eval()
     out = []
@@ -147,7 +140,7 @@ class BudgetSchedule:
 def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Train for ``args.budget_min`` minutes of training time; k-NN at ``args.evals`` points; with
     ``args.save_run``, write the EMA teacher's backbone and the config there as a run dir."""
-    from dinov2.data.gpu_augmentations import GPUTrainLoader
+    from dinov2.data.gpu import GPUTrainLoader
     from dinov2.distributed.env import DistEnv
     from dinov2.train.trainer import build_training
 

@@ -37,7 +37,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import format_table  # noqa: E402
+from benchmarks.tables import format_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DINOV2_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -185,7 +185,7 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
     """The trainer's build and step under ``cfg`` (see the module docstring, section 2); ``eager_calls``:
     the list of :func:`eager_block_calls`, installed before the blocks were first compiled."""
 
-    from benchmarks.common import synchronize
+    from benchmarks.devices import synchronize
     from benchmarks.throughput import check_optimizer_holds, synthetic_batch
     from dinov2.train.meta_arch import _local
     from dinov2.train.schedules import ScheduleValues
@@ -299,7 +299,7 @@ def section_step(dry: bool, fsdp: bool) -> dict[str, Any]:
     """Sections 2 and 3: :func:`check_step` for every activation-checkpointing mode."""
     import torch
 
-    from benchmarks.common import resolve_device
+    from benchmarks.devices import resolve_device
     from dinov2.distributed.env import DistEnv, distributed_session
 
     device = resolve_device("cpu" if dry else "cuda")
@@ -329,7 +329,8 @@ def section_attention(dry: bool) -> dict[str, Any]:
     """Section 4: resolution under no_grad, then forward + backward time and peak memory per backend."""
     import torch
 
-    from benchmarks.common import peak_memory_gib, reset_peak_memory, resolve_device, synchronize, time_steps
+    from benchmarks.devices import peak_memory_gib, reset_peak_memory, resolve_device, synchronize
+    from benchmarks.timing import time_steps
     from dinov2.layers.attention import AttentionDispatcher
 
     device = resolve_device("cpu" if dry else "cuda")
@@ -518,7 +519,7 @@ def _subprocess_section(name: str, out_dir: Path, args: argparse.Namespace, env:
 def _header(dry: bool) -> dict[str, str]:
     import torch
 
-    from benchmarks.common import run_header
+    from benchmarks.devices import run_header
 
     device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
     return {**run_header(device), "mode": "dry run (CPU, tiny model)" if dry else "GPU"}
@@ -526,7 +527,7 @@ def _header(dry: bool) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ reports
 def summary_markdown(record: dict[str, Any]) -> str:
-    from benchmarks.common import format_table, header_lines
+    from benchmarks.tables import format_table, header_lines
 
     header = header_lines(record["header"])
     rows = []
@@ -615,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     text = summary_markdown(record)
     print(text)
     if args.markdown:
-        from benchmarks.common import update_markdown
+        from benchmarks.tables import update_markdown
 
         section = "gpu-check-dry" if record.get("dry_run") else "gpu-check"
         print(f"summary written to {update_markdown(args.markdown, section, text)}")

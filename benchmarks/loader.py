@@ -40,7 +40,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import format_table, header_lines, run_header, update_markdown  # noqa: E402
+from benchmarks.devices import run_header  # noqa: E402
+from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
 
 # Naive timm student + teacher step on one H100 (ENVIRONMENT.md, measured 2026-11-23).
 STEP_RATES = {"ViT-S/14": 829.0, "ViT-L/14": 132.0}

@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import format_table, header_lines, resolve_device, run_header, update_markdown  # noqa: E402
+from benchmarks.devices import resolve_device, run_header  # noqa: E402
+from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DINOV2_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -9,10 +9,10 @@ teacher), on synthetic batches already on the device (random crops, real iBOT bl
 ``--loader cpu|gpu``, on the real data pipeline (``build_loader``: CPU workers, or the batched GPU
 augmentation) feeding the step — its own images/s alone is reported beside, so one sees whether loading
 or the model bounds training. Reported: images/s (median step after warm-up, CUDA events), peak
-allocated memory, and MFU = analytic FLOPs per step (``benchmarks.common.ssl_step_flops``, checked
+allocated memory, and MFU = analytic FLOPs per step (``benchmarks.flops.ssl_step_flops``, checked
 against ``torch.utils.flop_counter`` on an eager step of a separate copy) / step time / peak, against
 a bf16 matmul peak measured in the same process *and* against the GPU's datasheet dense bf16 peak
-(``benchmarks.common.DATASHEET_BF16``, e.g. 989 TFLOP/s for H100/H200 SXM).
+(``benchmarks.devices.DATASHEET_BF16``, e.g. 989 TFLOP/s for H100/H200 SXM).
 
 The baseline, in the same process and at the same batch: a plain ViT (our backbone with classic
 DropPath), one forward per crop group (globals, then locals), an EMA teacher forward on the globals,
@@ -45,24 +45,20 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
 
 import torch  # noqa: E402
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.devices import (  # noqa: E402
     amp_context,
-    count_flops,
     datasheet_bf16_peak,
-    format_table,
     free_memory,
-    header_lines,
     is_oom,
-    matmul_peak,
     peak_memory_gib,
     reset_peak_memory,
     resolve_device,
     run_header,
-    ssl_step_flops,
     synchronize,
-    time_steps,
-    update_markdown,
 )
+from benchmarks.flops import count_flops, ssl_step_flops  # noqa: E402
+from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
+from benchmarks.timing import matmul_peak, time_steps  # noqa: E402
 
 MODELS = {
     "s": ("ViT-S/14", "train/vits14", 128),
@@ -154,7 +150,7 @@ def synthetic_batch(cfg: Any, batch_size: int, device: torch.device, seed: int) 
     """Random crops and real iBOT block masks, in the trainer's batch layout, on ``device``."""
     import numpy as np
 
-    from dinov2.data.gpu_augmentations import batch_masks
+    from dinov2.data.collate import batch_masks
 
     c = cfg.data.crops
     gen = torch.Generator().manual_seed(seed)

@@ -189,15 +189,15 @@ def check_same_model(emb_dir: Path, e: EmbedConfig) -> None:
 def embed_like(emb_dir: Path, images: list[Any], progress: bool = False) -> np.ndarray:
     """``images`` embedded exactly as the rows of ``emb_dir`` (model, preprocessing, descriptor,
     whitening, storage dtype): float32 ``(len(images), dim)``, L2-normalised."""
-    import torch
 
-    from data_curation.embed import Preprocess, _amp_dtype, descriptor_model, load_model
+    from data_curation.embed import Preprocess, descriptor_model, load_model
     from data_curation.whitening import WHITENING_FILE, Whitening
+    from dinov2.device import amp_dtype, resolve_device
     from dinov2.eval.features import extract_features
 
     e = embed_config_of(emb_dir)
     check_same_model(emb_dir, e)
-    device = torch.device(e.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(e.device or "auto")
     model = load_model(e.model, device)
     pre = Preprocess.resolve(e, model)
     feats, _ = extract_features(
@@ -206,7 +206,7 @@ def embed_like(emb_dir: Path, images: list[Any], progress: bool = False) -> np.n
         transform=pre.transform(),
         batch_size=e.batch_size,
         device=device,
-        amp_dtype=_amp_dtype(e.amp, device),
+        amp_dtype=amp_dtype(e.amp, device),
         normalize=True,
         flip_average=e.flip_average,
         progress=progress,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dinov2.config import CopyAugmentConfig, CopyKind
+from dinov2.config import AmpName, CopyAugmentConfig, CopyKind
 
 
 @dataclass
@@ -70,7 +70,7 @@ class EmbedConfig:
     batch_size: int = 256
     num_workers: int = 0  # DataLoader workers decoding images
     device: str = ""  # "": cuda when available, else cpu
-    amp: str = "auto"  # auto (bf16 on cuda, none on cpu) | bf16 | fp16 | none
+    amp: AmpName = "auto"  # auto (bf16 on cuda, none on cpu) | bf16 | fp16 | none
     task_index: int = -1  # this task's share: data shards s with s % num_tasks == task_index
     num_tasks: int = 0  # 0 (with task_index -1): the SLURM array task of this job, else one task
 

@@ -54,7 +54,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -77,7 +76,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_KINDS = ("ours", "interop", "timm", "torchscript")
 RAW_DIR = "raw"  # embed.whiten: the unwhitened shards, under the embeddings dir
-AMP_DTYPES = MappingProxyType({"bf16": "bfloat16", "fp16": "float16"})
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -486,18 +484,6 @@ class _NoSubstitute:
             return Image.new("RGB", (self.blank_size, self.blank_size)), -1
 
 
-def _amp_dtype(amp: str, device: torch.device) -> Any:
-    import torch
-
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp == "none":
-        return None
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"embed.amp must be auto, bf16, fp16 or none, got {amp!r}")
-    return getattr(torch, AMP_DTYPES[amp])
-
-
 def embed_records(
     model: LoadedModel,
     dataset: Any,
@@ -509,6 +495,7 @@ def embed_records(
     progress: bool = False,
 ) -> tuple[np.ndarray, list[int], list[int]]:
     """Features of records ``[start, stop)``: (rows float32 (n_ok, D), their record indices, bad records)."""
+    from dinov2.device import amp_dtype
     from dinov2.eval.features import extract_features
 
     feats, index = extract_features(
@@ -518,7 +505,7 @@ def embed_records(
         batch_size=e.batch_size,
         device=device,
         num_workers=e.num_workers,
-        amp_dtype=_amp_dtype(e.amp, device),
+        amp_dtype=amp_dtype(e.amp, device),
         normalize=True,
         flip_average=e.flip_average,
         progress=progress,
@@ -612,10 +599,11 @@ def whiten_shards(raw: Path, out: Path, raw_meta: dict[str, Any], dim: int, samp
 
 def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``embed`` stage (see the module docstring); returns a JSON-able summary."""
-    import torch
+
     from tqdm.auto import tqdm
 
     from data_curation.config import CurationConfig
+    from dinov2.device import resolve_device
 
     cfg = cfg or CurationConfig()
     e = cfg.embed
@@ -673,7 +661,7 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
     rows = skipped = 0
     seconds = 0.0
     if todo:
-        device = torch.device(e.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(e.device or "auto")
         model = load_model(e.model, device)
         pre = Preprocess.resolve(e, model)
         feature = {"feature": feature_name(e), **asdict(pre)}

@@ -204,21 +204,22 @@ class TorchFlatIndex:
         """(scores, ids) like faiss: similarities descending for ip, squared distances ascending for l2."""
         import torch
 
+        from dinov2.eval.topk import running_topk
+
         k = min(k, self.ntotal)
         q = torch.from_numpy(_as_f32(queries)).to(self.device, self.dtype)
-        best_s = best_i = None
-        with torch.no_grad():
+        q_sq = (q.float() ** 2).sum(1, keepdim=True) if self.metric == "l2" else None
+
+        def chunks():
             for s in range(0, self.ntotal, self.chunk_size):
                 chunk = self._x[s : s + self.chunk_size]
                 sc = (q @ chunk.T).float()
                 if self.metric == "l2":  # ||q||² - 2 q·x + ||x||², ranked by its negative
-                    sc = 2 * sc - self._sq_norms[s : s + len(chunk)] - (q.float() ** 2).sum(1, keepdim=True)
-                top_s, top_i = sc.topk(min(k, len(chunk)), dim=1)
-                top_i = top_i + s
-                if best_s is not None:
-                    top_s, pos = torch.cat([best_s, top_s], 1).topk(k, dim=1)
-                    top_i = torch.cat([best_i, top_i], 1).gather(1, pos)
-                best_s, best_i = top_s, top_i
+                    sc = 2 * sc - self._sq_norms[s : s + len(chunk)] - q_sq
+                yield sc, torch.arange(s, s + len(chunk), device=sc.device)
+
+        with torch.no_grad():
+            best_s, best_i = running_topk(chunks(), k)
         scores = best_s if self.metric == "ip" else -best_s
         return scores.cpu().numpy().astype(np.float32), best_i.cpu().numpy().astype(np.int64)
 

@@ -25,6 +25,21 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- model
+class PosEmbedInterpolation(StrEnum):
+    """``model.pos_embed_interpolation``: whose resampling of the position embedding to another patch
+    grid (``dinov2.models.pos_embed``). ``reference``: dinov2's ``interpolate_pos_encoding`` as trained and
+    released (bicubic, ``scale_factor=(h + 0.1) / M``, no antialias); ``reference_reg``: the released
+    ``*_reg`` models (exact size, antialias); ``hf``: transformers' ``Dinov2Model`` (exact size, no
+    antialias); ``timm``: ``resample_abs_pos_embed`` (exact size, antialias); ``ours``: this project's
+    original choice (exact size, antialias)."""
+
+    reference = "reference"
+    reference_reg = "reference_reg"
+    hf = "hf"
+    timm = "timm"
+    ours = "ours"
+
+
 @dataclass
 class ModelConfig:
     arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
@@ -45,7 +60,9 @@ class ModelConfig:
     drop_path_uniform: bool = True  # same rate in every block (DINOv2) vs linearly increasing
     drop_path_mode: str = "efficient"  # efficient (subset of samples) | classic (per-sample mask)
     attn_backend: str = "auto"  # auto | sdpa | math | flex | varlen | xformers
-    interpolate_antialias: bool = True
+    # None: "ours" for a model we train; for weights loaded through dinov2.interop, what the file says
+    # (our exports record it), else "reference" ("reference_reg" with registers), as released
+    pos_embed_interpolation: PosEmbedInterpolation | None = None
 
 
 @dataclass
@@ -54,6 +71,9 @@ class HeadConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     nlayers: int = 3
+    # trunc_normal: the reference's init (std 0.02); fan_in: std 1/sqrt(fan_in), for narrow CPU-recipe
+    # backbones (dinov2/layers/dino_head.py DINOHead.reset_parameters)
+    mlp_init: Literal["trunc_normal", "fan_in"] = "trunc_normal"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -89,6 +109,9 @@ class CropsConfig:
     blur_p_global2: float = 0.1
     blur_p_local: float = 0.5
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # true: blur as the released weights were trained (the reference's RandomApply(p=1-p) inversion:
+    # first global crop never, second 0.9, locals 0.5 with the defaults above; 9 taps at every size)
+    blur_as_released: bool = False
     solarize_p_global2: float = 0.2
     solarize_threshold: float = 0.5  # fraction of the pixel range (128 / 255 for uint8)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -183,6 +206,9 @@ class OptimConfig:
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     clip_grad: float = 3.0  # 0 disables clipping
+    # per_module: backbone, DINO head and iBOT head each clipped to clip_grad (the reference); global: one
+    # norm over the whole student (dinov2/train/clipping.py)
+    clip_grad_mode: Literal["per_module", "global"] = "per_module"
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
     fused: bool = True  # fused AdamW when the device supports it
@@ -232,7 +258,16 @@ class DistillConfig:
     teacher_checkpoint: str = ""  # our export, timm or HF layout (see docs/distillation.md)
     teacher_format: str = "auto"  # auto | ours | timm | hf
     teacher_model: ModelConfig = field(default_factory=ModelConfig)
-    student_ema_momentum: float = 0.999  # reached after a warm-up (schedules.ema_warmup): ~9k iterations at 0.999
+    # The distillation recipe: dinov3's (configs/train/dinov3_vitl16_lvd1689m_distilled.yaml, its `schedules`;
+    # train/ssl_meta_arch.py). Each of these replaces, in a distillation run, its optim/loss counterpart.
+    student_masks: bool = False  # False: the student sees the global crops unmasked (iBOT still on the drawn patches)
+    teacher_temp_warmup: bool = False  # False: teacher temperature constant at loss.teacher_temp (0.07)
+    freeze_last_layer: bool = False  # True: freeze the prototypes for optim.freeze_last_layer_epochs
+    cosine_weight_decay: bool = False  # False: weight decay constant at optim.weight_decay (0.04)
+    layerwise_decay: float | None = 0.99  # None: optim.layerwise_decay
+    student_ema_momentum: float = 0.994  # the students' EMA: cosine from this ...
+    final_student_ema_momentum: float = 1.0  # ... to this over the run
+    student_ema_warmup: bool = False  # True: min(m, (1 + t) / (10 + t)) on top (schedules.ema_warmup; short runs)
     head_seed: int = 0  # backbone-only teachers: seed of the made (random, frozen) teacher heads
     extra_students: list[StudentConfig] = field(default_factory=list)  # trained next to `model`, same heads config
 
@@ -266,6 +301,12 @@ class Amp(StrEnum):
     none = "none"
 
 
+#: ``--device`` / ``train.device`` / ``embed.device`` (``dinov2.device.resolve_device``)
+DeviceName = Literal["auto", "cpu", "cuda"]
+#: evaluation's and curation's autocast choice (``dinov2.device.amp_dtype``); training has :class:`Amp`
+AmpName = Literal["auto", "bf16", "fp16", "none"]
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/run"
@@ -275,7 +316,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last_checkpoints: int = 2
     amp: Amp = Amp.bf16  # autocast dtype on GPU: bf16 | none (CPU always runs fp32); fp16 is not offered (Amp)
-    device: str = "auto"  # auto | cpu | cuda
+    device: DeviceName = "auto"
     progress: bool = True
     tensorboard: bool = True
     export_teacher: bool = True  # export the final backbone(s) as safetensors (the students when distilling)
@@ -283,6 +324,9 @@ class TrainConfig:
     # what the loop optimises: DINO + iBOT + KoLeo self-distillation (or distillation), or instance
     # discrimination under copy augmentations (a copy detector, dinov2.train.copy_detection)
     objective: Literal["dino", "copy_detection"] = "dino"
+    # a finished run whose student, teacher and heads this run starts from (dinov2-train --init-from;
+    # dinov2.train.init_from): the high-resolution phase. Ignored once this run has its own checkpoint
+    init_from: str = ""
 
 
 @dataclass

@@ -12,8 +12,8 @@ from conftest import REPO
 
 def test_loader_benchmark_tiny_prints_the_table(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO))
-    from benchmarks.common import parse_table
     from benchmarks.loader import STEP_RATES, main
+    from benchmarks.tables import parse_table
 
     md = tmp_path / "BENCH.md"
     md.write_text("# Benchmarks\n\nkept text\n")

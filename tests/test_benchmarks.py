@@ -16,15 +16,16 @@ from tiny_config import TINY_MODEL
 
 
 @pytest.fixture
-def bench_common(monkeypatch):
-    """The ``benchmarks`` package, importable from the repository root."""
+def bench(monkeypatch):
+    """The ``benchmarks`` package with its shared modules, importable from the repository root."""
     monkeypatch.syspath_prepend(str(REPO))
-    import benchmarks.common
+    import benchmarks.flops
+    import benchmarks.tables
 
-    return benchmarks.common
+    return benchmarks
 
 
-def test_throughput_tiny_cpu_prints_the_table(tmp_path, bench_common):
+def test_throughput_tiny_cpu_prints_the_table(tmp_path, bench):
     """Run as a user runs it (a file, in its own process) and read its table back."""
     md = tmp_path / "BENCH.md"
     md.write_text("# Benchmarks\n\nkept text\n")
@@ -35,7 +36,7 @@ def test_throughput_tiny_cpu_prints_the_table(tmp_path, bench_common):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "flop_counter/analytic 1.0000" in out.stdout  # the analytic FLOPs are torch's count
-    rows = bench_common.parse_table(out.stdout.split("\n\n")[-1])
+    rows = bench.tables.parse_table(out.stdout.split("\n\n")[-1])
     assert len(rows) == 1
     row = rows[0]
     assert row["model"].startswith("tiny") and row["batch"] == "4" and row["compile"] == "off"
@@ -47,7 +48,7 @@ def test_throughput_tiny_cpu_prints_the_table(tmp_path, bench_common):
     assert (tmp_path / "rows.json").is_file()
 
 
-def test_throughput_fsdp_trains_what_the_trainer_builds_and_loader_feeds_it(bench_common):
+def test_throughput_fsdp_trains_what_the_trainer_builds_and_loader_feeds_it(bench):
     """``--fsdp``: the trainer's build (optimizer over the *sharded* parameters — one built before
     ``fully_shard`` holds none of them and trains nothing); ``--loader cpu``: the real data pipeline
     feeds the step and is timed alone too."""
@@ -71,7 +72,7 @@ def test_throughput_fsdp_trains_what_the_trainer_builds_and_loader_feeds_it(benc
         throughput.check_optimizer_holds(model, optimizer)
 
 
-def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench_common, shared_data):
+def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench, shared_data):
     from benchmarks import cifar10_knn
 
     md = tmp_path / "BENCH.md"
@@ -81,7 +82,8 @@ def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench_common,
     )  # fmt: skip
     row = result["row"]
     assert row["steps"] > 0 and row["epochs"] > 0 and row["img/s"] > 0
-    assert 0.0 <= row["k-NN top-1 (k=20)"] <= 100.0 and 0.0 <= row["random init (k=20)"] <= 100.0
+    # percentages on CIFAR-10 (chance 10 %): a features, labels or units bug lands at ~10 or below 1
+    assert 15.0 < row["k-NN top-1 (k=20)"] <= 100.0 and 15.0 < row["random init (k=20)"] <= 100.0, row
     assert len(result["curve"]) == 2 and len(result["losses"]) == row["steps"]
     assert all(np.isfinite(result["losses"]))
     assert (tmp_path / "out" / "cifar10_knn.json").is_file()
@@ -112,9 +114,9 @@ def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench_common,
         ["model.drop_path_mode=classic", "model.drop_path_rate=0.3", "data.crops.local_crops_number=0"],
     ],
 )
-def test_analytic_step_flops_equal_the_flop_counter(bench_common, overrides):
+def test_analytic_step_flops_equal_the_flop_counter(bench, overrides):
     from dinov2.config import load_config
-    from dinov2.data.gpu_augmentations import batch_masks
+    from dinov2.data.collate import batch_masks
     from dinov2.train.meta_arch import SSLMetaArch
 
     cfg = load_config(
@@ -132,32 +134,33 @@ def test_analytic_step_flops_equal_the_flop_counter(bench_common, overrides):
     def step():
         model(batch, teacher_temp=0.07).loss.backward()
 
-    assert bench_common.count_flops(step) == bench_common.ssl_step_flops(cfg, b, masks["n_masked_patches"])
+    assert bench.flops.count_flops(step) == bench.flops.ssl_step_flops(cfg, b, masks["n_masked_patches"])
 
 
-def test_markdown_sections_are_replaced_in_place(tmp_path, bench_common):
+def test_markdown_sections_are_replaced_in_place(tmp_path, bench):
     md = tmp_path / "doc.md"
     md.write_text("intro\n\n<!-- t:begin -->\nold\n<!-- t:end -->\n\noutro\n")
-    bench_common.update_markdown(md, "t", "new table")
-    bench_common.update_markdown(md, "u", "another")
+    bench.tables.update_markdown(md, "t", "new table")
+    bench.tables.update_markdown(md, "u", "another")
     text = md.read_text()
     assert "old" not in text and "new table" in text and text.index("intro") < text.index("new") < text.index("outro")
     assert text.rstrip().endswith("<!-- u:end -->")
-    table = bench_common.format_table(["a", "b"], [[1, 2.345], [None, 12345.0]])
-    assert bench_common.parse_table(table) == [{"a": "1", "b": "2.35"}, {"a": "-", "b": "12345"}]
+    table = bench.tables.format_table(["a", "b"], [[1, 2.345], [None, 12345.0]])
+    assert bench.tables.parse_table(table) == [{"a": "1", "b": "2.35"}, {"a": "-", "b": "12345"}]
 
 
-def test_supervised_ceiling_tiny_cpu_prints_the_table(tmp_path, bench_common, shared_data):
+def test_supervised_ceiling_tiny_cpu_prints_the_table(tmp_path, bench, shared_data):
     from benchmarks import supervised_ceiling
 
     md = tmp_path / "BENCH.md"
     record = supervised_ceiling.main(
         ["--tiny", "--data", str(shared_data), "--output-dir", str(tmp_path / "out"), "--markdown", str(md)]
     )
-    rows = bench_common.parse_table(md.read_text().split("\n\n", 2)[-1])
+    rows = bench.tables.parse_table(md.read_text().split("\n\n", 2)[-1])
     trainings = ["random init", "self-supervised (ours)", "supervised, same backbone and batches"]
     assert [r["training"] for r in rows] == trainings
     assert [r["iterations"] for r in rows] == ["0", "6", "6"]
-    assert all(0.0 <= row[5] <= 100.0 for row in record["rows"])
+    # k-NN top-1 (%) on CIFAR-10, chance 10 %: a features, labels or units bug lands at ~10 or below 1
+    assert all(15.0 < row[5] <= 100.0 for row in record["rows"]), record["rows"]
     assert record["rows"][1][6] == record["rows"][1][5] - record["rows"][0][5]  # the difference column
     assert (tmp_path / "out" / "ssl" / "teacher_backbone.safetensors").is_file()

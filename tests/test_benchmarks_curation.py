@@ -50,4 +50,3 @@ def test_curation_benchmark_prints_a_table(capsys):
     assert summary["pair_recall"] > 0.95 and summary["pair_precision"] > 0.95
     assert summary["retrieval_precision"] > 0.9
     print(f"benchmark --rows 20000: {seconds:.1f} s")
-    assert seconds < 60  # ~10 s on an idle 2-core machine; generous for a shared one

@@ -182,10 +182,10 @@ def test_backends_resolve_under_no_grad_and_inference_mode():
 
 
 def _tiny_vit(backend, drop_path=0.3):
-    from dinov2.models import vision_transformer
+    from dinov2.models import create_vit
 
     torch.manual_seed(0)
-    return vision_transformer(
+    return create_vit(
         "vit_small", embed_dim=32, depth=3, num_heads=2, patch_size=4, img_size=16, layerscale_init=0.5,
         drop_path_rate=drop_path, attn_backend=backend,
     )  # fmt: skip

@@ -146,7 +146,7 @@ def test_dedup_finds_planted_near_duplicates(planted, curation_model, tmp_path, 
     change), then ``embed,dedup`` runs on the evaluation pool with it. Expected to fail with the CPU
     fixture model; strict with a model given by ``DINOV2_CURATION_MODEL``."""
     if uses_cpu_fixture_model():
-        request.applymarker(pytest.mark.xfail(reason=CPU_MODEL_XFAIL, strict=False))
+        request.applymarker(pytest.mark.xfail(reason=CPU_MODEL_XFAIL, raises=AssertionError, strict=True))
     cal_folder, cal_truth = planted["calibration"]
     flip = ["embed.flip_average=true"]
     x_cal, cal_names = embed(cal_folder, tmp_path / "calibration", curation_model.run_dir, flip)

@@ -32,6 +32,7 @@ from dinov2.data import (
 from dinov2.data.augmentations import blur_kernel_size
 from dinov2.data.augmented import AugmentedDataset
 from dinov2.data.filelist import parse_text_line
+from dinov2.data.samplers import epoch_permutation
 from dinov2.data.seeding import seeded_torch_rng
 from dinov2.data.string_array import StringArray
 
@@ -69,6 +70,21 @@ def tiny_data_cfg(kind: str = "demo", path: str = "", **overrides) -> DataConfig
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def expected_skips(bad: list[str], n_samples: int, seed: int, root: str | None = None) -> int:
+    """Decode failures of the first ``n_samples`` of the stream of a folder whose files (sorted, as the
+    folder dataset lists them) include ``bad``: each drawn record skips the bad files from it up to
+    the next good one, wrapping around."""
+    root = root or os.path.dirname(bad[0])
+    files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    is_bad = [os.path.join(root, f) in set(bad) for f in files]
+    n, total = len(files), 0
+    for position in range(n_samples):
+        index = int(epoch_permutation(n, seed, position // n)[position % n])
+        while is_bad[index % n]:
+            total, index = total + 1, index + 1
+    return total
 
 
 # ------------------------------------------------------------------------------------------ folder
@@ -149,7 +165,9 @@ def test_loader_over_bad_files_keeps_batch_size_and_reports_skips(tmp_path, num_
     batches = [b for _, b in zip(range(6), loader)]  # 24 samples: more than one epoch of 12
     assert all(b["global_crops"].shape == (8, 3, 32, 32) for b in batches)
     assert all(b["labels"].tolist() == [0] * 4 for b in batches)
-    assert loader.num_skipped == sum(b["num_skipped"] for b in batches) >= 3
+    # every draw of a bad record counts, repeats too: the stream's records (sampler order, tested above)
+    # each skip the run of bad files that starts at them (the next decodable record replaces them)
+    assert loader.num_skipped == sum(b["num_skipped"] for b in batches) == expected_skips(bad, 24, seed=0)
     assert loader.skipped_paths == set(bad)
 
 
@@ -325,7 +343,8 @@ def connected_components(mask: np.ndarray) -> list[int]:
 
 def test_mask_statistics():
     grid, n_crops, rng = (16, 16), 32, np.random.default_rng(0)
-    ratios, masked_first_half = [], []
+    n_patches = 256
+    ratios, masked_first_half, top = [], [], []
     for _ in range(20):
         masks = sample_masks(n_crops, grid, 0.5, (0.1, 0.5), rng)
         masked = masks.reshape(n_crops, -1).any(axis=1)
@@ -333,14 +352,19 @@ def test_mask_statistics():
         masked_first_half.append(masked[:16].all())
         fractions = np.sort(masks[masked].reshape(16, -1).mean(axis=1))
         bounds = np.linspace(0.1, 0.5, 17)
-        tolerance = 4 / 256  # the generator may stop up to a block short of its target
-        assert np.all(fractions <= 0.5) and np.all(fractions >= 0.1 - tolerance)
-        # stratified: the k-th smallest ratio lies (about) in the k-th stratum
-        assert np.all(fractions >= bounds[:-1] - 0.03) and np.all(fractions <= bounds[1:] + 0.03)
+        # stratified: the k-th smallest ratio lies in the k-th stratum [b_k, b_k+1]: the target is
+        # floor(ratio * 256) patches, never exceeded, and missed by at most one patch (measured)
+        assert np.all(fractions <= bounds[1:]), fractions - bounds[1:]
+        assert np.all(fractions >= bounds[:-1] - 2 / n_patches), fractions - bounds[:-1]
         for mask in masks[masked]:
             assert min(connected_components(mask)) >= 4
         ratios.extend(fractions)
-    assert abs(np.mean(ratios) - 0.3) < 0.02
+        top.append(fractions[-1])
+    # the top stratum [0.475, 0.5] is drawn: its mean (0.4855 measured) is above a dropped stratum's 0.476
+    assert np.mean(top) > 0.48, np.mean(top)
+    # mean target 0.3 less the floor and the rare one-patch miss (0.2977 measured); a mask one patch
+    # short everywhere gives 0.2946
+    assert 0.2965 <= np.mean(ratios) <= 0.3, np.mean(ratios)
     assert not all(masked_first_half)  # which crops are masked is shuffled
 
 
@@ -349,10 +373,21 @@ def test_masking_generator_never_exceeds_its_target_and_is_reproducible():
     for target in (0, 3, 4, 10, 50, 98):
         mask = masker(target, np.random.default_rng(target))
         assert mask.shape == (14, 14) and mask.sum() <= target
-        assert mask.sum() >= target - 4 or target < 4
+        assert mask.sum() >= target - 1 or target < 4
     a = sample_masks(8, 14, generator=np.random.default_rng(5))
     b = sample_masks(8, 14, generator=np.random.default_rng(5))
     assert np.array_equal(a, b)
+
+
+def test_masking_generator_usually_hits_its_target_exactly():
+    """625 seeded draws (targets 4..128 of 256): 90.6 % reach the target exactly, the others stop one
+    patch short (measured); a generator one patch short of every target reaches none."""
+    masker = MaskingGenerator((16, 16), min_num_patches=4)
+    short = np.array(
+        [t - masker(t, np.random.default_rng(1000 * t + s)).sum() for t in range(4, 129) for s in range(5)]
+    )
+    assert short.min() >= 0 and short.max() <= 1
+    assert (short == 0).mean() >= 0.85, (short == 0).mean()
 
 
 # ------------------------------------------------------------------------------------------ crops
@@ -373,7 +408,7 @@ def test_multicrop_shapes_ranges_and_determinism():
     with seeded_torch_rng(7):
         again = augment(image)
     assert all(torch.equal(a, b) for a, b in zip(out["global_crops"], again["global_crops"]))
-    assert blur_kernel_size(224) == 9 and blur_kernel_size(32) == 3 and blur_kernel_size(98) % 2 == 1
+    assert blur_kernel_size(224, 2.0) == blur_kernel_size(98, 2.0) == 13  # ±3σ at every size (tests/test_blur.py)
 
 
 def test_multicrop_without_randomness_is_resize_and_normalize():

@@ -86,6 +86,7 @@ def test_teacher_parameters_bit_identical_during_distillation(cifar_pretrained, 
         shared_data,
         ["distill.enabled=true", f"distill.teacher_checkpoint={cifar_pretrained.run_dir}", "train.max_iterations=3"],
     )
+    torch.manual_seed(cfg.train.seed)  # the trainer's initial weights: "the student did move" below means it
     model = build_meta_arch(cfg, torch.device("cpu"))
     before = _hash(model.teacher)
     assert all(not p.requires_grad for p in model.teacher.parameters())
@@ -218,6 +219,65 @@ def test_two_process_fsdp_distillation(tmp_path):
     assert _hash(trained.student) != _hash(initial.student)
     assert _hash(trained.extra_students["narrow"]) != _hash(initial.extra_students["narrow"])
     assert (out / "narrow_backbone.safetensors").is_file()
+
+
+# ------------------------------------------------------------------- dinov3's distillation recipe
+def test_distillation_defaults_are_dinov3s():
+    """dinov3 configs/train/dinov3_vitl16_lvd1689m_distilled.yaml ``schedules``: teacher temperature
+    constant 0.07, weight decay constant 0.04, no prototype-layer freeze, the students' EMA on a cosine
+    0.994 -> 1.0 (no warm-up), layer-wise lr decay 0.99; the self-distillation schedules are unchanged."""
+    from dinov2.train.schedules import Schedules
+    from dinov2.train.trainer import make_optimizer
+
+    distill = load_config(None, ["distill.enabled=true", "optim.epochs=10", "optim.epoch_length=100"])
+    s = Schedules.from_config(distill, global_batch=1024, total_iterations=1000)
+    for it in (0, 1, 500, 999):
+        assert s.at(it).teacher_temp == 0.07 and s.at(it).weight_decay == pytest.approx(0.04)
+        assert not s.at(it).freeze_last_layer
+    assert s.at(0).momentum == pytest.approx(0.994) and s.at(500).momentum == pytest.approx(0.997)
+    assert s.at(999).momentum == pytest.approx(1.0, abs=1e-6)
+    ssl = Schedules.from_config(load_config(None, ["optim.epochs=10", "optim.epoch_length=100"]), 1024, 1000)
+    assert ssl.at(0).teacher_temp == pytest.approx(0.04) and ssl.at(0).freeze_last_layer
+    assert ssl.at(500).weight_decay == pytest.approx(0.12) and ssl.at(0).momentum == pytest.approx(0.992)
+
+    from tiny_config import TINY_MODEL
+
+    from dinov2.distill.meta_arch import DistillMetaArch
+    from dinov2.train.meta_arch import SSLMetaArch
+
+    cfg = load_config(None, TINY_MODEL + ["distill.enabled=true"])
+    model = DistillMetaArch(cfg, SSLMetaArch(cfg).teacher)
+    groups = make_optimizer(model, cfg, torch.device("cpu")).param_groups
+    depth = cfg.model.depth
+    assert {g["lr_multiplier"] for g in groups if not g["is_last_layer"]} >= {0.99 ** (depth + 1 - i) for i in (1, 2)}
+
+
+def test_distilled_student_sees_its_global_crops_unmasked():
+    """dinov3 ssl_meta_arch.get_student_output: ``masks=[masks if not distillation else None, None]``:
+    the student's loss does not depend on its mask token (the old code masked the student's crops);
+    ``distill.student_masks=true`` masks them again. The iBOT term still compares the drawn patches."""
+    from tiny_config import TINY
+
+    from dinov2.distill.meta_arch import DistillMetaArch
+    from dinov2.train.meta_arch import SSLMetaArch
+    from dinov2.train.trainer import build_loader
+
+    losses = {}
+    for masked in (False, True):
+        cfg = load_config("train/demo", TINY + ["distill.enabled=true", f"distill.student_masks={masked}"])
+        torch.manual_seed(0)
+        model = DistillMetaArch(cfg, SSLMetaArch(cfg).teacher).eval()
+        batch = next(iter(build_loader(cfg, DistEnv(), torch.device("cpu"), 0)))
+        assert batch["mask_indices"].numel() > 0
+        with torch.no_grad():
+            targets = model.teacher_targets(batch["global_crops"], batch["mask_indices"], 0.07)[:2]
+            first = model.student_losses(model.student, batch, *targets).parts
+            model.student.backbone.mask_token.add_(10.0)
+            second = model.student_losses(model.student, batch, *targets).parts
+        losses[masked] = (first["ibot"], second["ibot"])
+        assert first["ibot"] > 0
+    assert torch.equal(*losses[False])  # unmasked: the mask token is never used
+    assert not torch.equal(*losses[True])
 
 
 # ----------------------------------------------------------------- several students, one teacher pass

@@ -16,7 +16,7 @@ from dinov2.data import ArrayDataset, BlobDataset
 from dinov2.eval import eval_transform, extract_features, knn_classify, knn_predict, linear_probe
 from dinov2.eval.features import shard_indices, unshard
 from dinov2.eval.linear import stratified_split, train_linear_heads
-from dinov2.models import vision_transformer
+from dinov2.models import create_vit
 
 
 def unit(deg: float) -> list[float]:
@@ -159,7 +159,7 @@ def test_stratified_split():
 # ------------------------------------------------------------------------------------ features
 def tiny_vit(**kw):
     base = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_register_tokens=1)
-    return vision_transformer("vit_small", **(base | kw))
+    return create_vit("vit_small", **(base | kw))
 
 
 def random_arrays(n: int, seed: int = 0) -> ArrayDataset:

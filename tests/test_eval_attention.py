@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 
 from dinov2.eval import attention_maps, save_attention_overlays, top_mass_mask
-from dinov2.models import vision_transformer
+from dinov2.models import create_vit
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 def tiny_vit():
     torch.manual_seed(0)
-    return vision_transformer(
+    return create_vit(
         "vit_small", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_register_tokens=2
     )
 

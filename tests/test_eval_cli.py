@@ -107,7 +107,7 @@ def test_cli_knn_linear_attention(export, tmp_path, capsys):
     assert main(["linear", *common, "--lrs", "0.01", "0.1"]) == 0
     lin = json.loads((tmp_path / "linear.json").read_text())
     assert lin["best_lr"] in (0.01, 0.1) and set(lin["val_acc"]) == {"0.01", "0.1"} and lin["patch_mean"]
-    assert 0.0 <= lin["test_acc"] <= 100.0
+    assert 60.0 < lin["test_acc"] <= 100.0, lin  # 3 colour-coded classes; chance is 33 %
 
     assert main(["attention", *common, "--num-images", "3"]) == 0
     att = json.loads((tmp_path / "attention.json").read_text())

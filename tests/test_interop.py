@@ -244,6 +244,9 @@ def test_load_pretrained_backbone_from_safetensors(tmp_path, layout, ffn, regist
         assert_same_state(loaded.state_dict(), model.state_dict(), skip=("cls_token", "pos_embed"))
     else:
         assert_same_state(loaded.state_dict(), model.state_dict())
+    # weights without our export's record interpolate as released (tests/test_pos_embed.py)
+    assert loaded.pos_embed_interpolation == ("reference_reg" if registers else "reference")
+    model.pos_embed_interpolation = loaded.pos_embed_interpolation
     for size in (NATIVE, OTHER):  # our own model on both sides: any size agrees
         assert max_diff(our_tokens(loaded, images(size)), our_tokens(model, images(size))) <= TOL
 

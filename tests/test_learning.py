@@ -31,7 +31,8 @@ def test_pretraining_learns_and_does_not_collapse(cifar_pretrained):
     reason="the issue's 'well above' (+8 points) is not reached in the few CPU minutes the suite can afford "
     "(measured 34.4% vs 28.3% at random init; a supervised ViT of the same size and steps reaches ~35-36%; "
     "docs/BENCHMARKS.md); the demo data set reaches 51% vs 24%",
-    strict=False,
+    raises=AssertionError,  # only the +8-point bound is excused: a crash in training or k-NN fails
+    strict=False,  # the recipe is being changed (issue 13): a pass is reported as XPASS, not an error
 )
 def test_pretraining_is_well_above_random_init(cifar_pretrained):
     assert cifar_pretrained.knn[20] >= cifar_pretrained.random_knn[20] + 8.0

@@ -57,7 +57,7 @@ def cross_entropy2(p, logits, temp):
 
 
 def test_comm_single_process_is_noop():
-    assert not comm.is_dist()
+    assert not comm.is_distributed()
     assert comm.world_size() == 1
     t = torch.tensor([1.0, -2.0])
     assert comm.all_reduce_sum_(t) is t
@@ -285,7 +285,7 @@ def test_ibot_loss_hand_computed():
     loss_fn = IBOTPatchLoss(student_temp=temp)
     student = torch.tensor([s_a, s_b, s_c])
     teacher = torch.tensor([p_a, p_b, p_c])
-    loss = loss_fn(student, teacher, weights, n_masked_images=2)
+    loss = loss_fn(student, teacher, weights, n_images=2)
     assert loss.dtype == torch.float32 and loss.ndim == 0
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert loss_fn(student, teacher, weights, torch.tensor(2)).item() == pytest.approx(expected, abs=1e-6)
@@ -297,8 +297,52 @@ def test_ibot_loss_hand_computed():
     assert padded.item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_ibot_term_of_a_step_divides_by_all_global_crops():
+    """The iBOT term of a training step as the reference computes it (dinov2 ``train/ssl_meta_arch.py``:
+    ``forward_masked(...) * loss_scales * ibot_loss_scale`` = ``forward_masked(...) * 2 * 1/2``, and
+    ``forward_masked`` returns ``-sum(w * CE) / student_masks_flat.shape[0]``): the weighted sum over the
+    masked patches divided by the number of global crops 2B, masked or not. Two of six crops are masked
+    here, so dividing by the masked crops instead (the old code) gives 3x this value."""
+    from tiny_config import TINY_MODEL
+
+    from dinov2.config import load_config
+    from dinov2.train.meta_arch import SSLMetaArch
+
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY_MODEL + ["loss.koleo_weight=0", "loss.student_temp=0.1"])
+    model = SSLMetaArch(cfg).eval()  # eval: no stochastic depth, the student's forward is repeatable
+    batch_size, n_patches = 3, 16  # 16 px crops, 4 px patches
+    masks = torch.zeros(2 * batch_size, n_patches, dtype=torch.bool)
+    masks[0, [1, 5]] = True  # crop 0 (view 1, image 0): 2 masked patches
+    masks[4, [0, 2, 3, 9, 15]] = True  # crop 4 (view 2, image 1): 5 masked patches
+    mask_indices = masks.flatten().nonzero().flatten()
+    batch = {
+        "global_crops": torch.randn(2 * batch_size, 3, 16, 16),
+        "local_crops": torch.randn(2 * batch_size, 3, 8, 8),
+        "masks": masks,
+        "mask_indices": mask_indices,
+        "mask_weights": masked_patch_weights(masks),
+    }
+    with torch.no_grad():
+        dino_targets, ibot_targets, _ = model.teacher_targets(batch["global_crops"], mask_indices, 0.07)
+        step = model.student_losses(model.student, batch, dino_targets, ibot_targets)
+        out = model.student.backbone([batch["global_crops"], batch["local_crops"]], [masks, None])
+        student_logits = model.student.dino_head(out[0]["patch"].flatten(0, 1)[mask_indices]).double()
+    teacher = ibot_targets.double()
+    total = 0.0
+    for row, flat_index in enumerate(mask_indices.tolist()):
+        crop = flat_index // n_patches
+        weight = 1.0 / int(masks[crop].sum())
+        z = [v / 0.1 for v in student_logits[row].tolist()]
+        log_norm = math.log(sum(math.exp(v - max(z)) for v in z)) + max(z)
+        cross_entropy = -sum(p * (v - log_norm) for p, v in zip(teacher[row].tolist(), z, strict=True))
+        total += weight * cross_entropy
+    reference = total / (2 * batch_size)
+    assert step.parts["ibot"].item() == pytest.approx(reference, rel=1e-5)
+
+
 def test_ibot_loss_no_masked_patches_is_zero():
-    loss = IBOTPatchLoss()(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0), n_masked_images=0)
+    loss = IBOTPatchLoss()(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0), n_images=0)
     assert loss.item() == 0.0
 
 
@@ -373,7 +417,7 @@ def _dist_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         sk, padded, centre = _dist_inputs()
-        result = {"is_dist": comm.is_dist(), "world_size": comm.world_size()}
+        result = {"is_dist": comm.is_distributed(), "world_size": comm.world_size()}
         # 1. Plain halves: rank 0 rows 0..3, rank 1 rows 4..7.
         sk_mod = Centering(16, sk_iterations=3)
         result["sk"] = sk_mod(sk[4 * rank : 4 * rank + 4], TEMP)

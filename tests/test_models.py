@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dinov2.models import vision_transformer, vit_base, vit_giant2, vit_large, vit_small
+from dinov2.models import create_vit, vit_base, vit_giant2, vit_large, vit_small
 
 
 @pytest.mark.parametrize(
@@ -41,13 +42,18 @@ def tiny_vit(**kw):
         layerscale_init=0.5,
     )
     base.update(kw)
-    return vision_transformer("vit_small", **base)
+    return create_vit("vit_small", **base)
 
 
 @pytest.mark.parametrize("ffn_layer", ["mlp", "swiglu"])
-def test_packed_forward_equals_per_group(ffn_layer):
+def test_packed_forward_equals_per_sample_reference(ffn_layer):
+    """Packed groups through the default (SDPA) attention == every sample alone through the explicit
+    softmax(QKᵀ/√d)V backend: forward and gradients. Per-sample calls rule out any mixing between the
+    samples of a group or between groups; the other attention path rules out a shared bug."""
     torch.manual_seed(0)
-    model = tiny_vit(ffn_layer=ffn_layer).eval()
+    model = tiny_vit(ffn_layer=ffn_layer, attn_backend="sdpa").eval()
+    reference = tiny_vit(ffn_layer=ffn_layer, attn_backend="math").eval()
+    reference.load_state_dict(model.state_dict())
     g = torch.randn(4, 3, 32, 32)
     loc = torch.randn(6, 3, 16, 16)
     mask = torch.rand(4, 64) < 0.4
@@ -56,18 +62,21 @@ def test_packed_forward_equals_per_group(ffn_layer):
         # order-1 loss so that fp32 rounding of the gradients stays far below the 1e-5 tolerance
         return sum((o["cls"] ** 2).mean() + o["patch"].sin().mean() + o["registers"].mean() for o in outs)
 
+    def one_by_one(x, m):
+        outs = [reference(x[i : i + 1], None if m is None else m[i : i + 1]) for i in range(len(x))]
+        return {key: torch.cat([o[key] for o in outs]) for key in ("cls", "registers", "patch")}
+
     packed = model([g, loc], [mask, None])
     loss_of(packed).backward()
-    grads_packed = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    separate = [model(g, mask), model(loc)]
+    separate = [one_by_one(g, mask), one_by_one(loc, None)]
     loss_of(separate).backward()
+    grads = dict(reference.named_parameters())
     for a, b in zip(packed, separate, strict=True):
         for key in ("cls", "registers", "patch"):
             assert (a[key] - b[key]).abs().max() <= 1e-5
     for n, p in model.named_parameters():
-        assert (grads_packed[n] - p.grad).abs().max() <= 1e-5, n
-    assert grads_packed["mask_token"].abs().sum() > 0  # masks really used
+        assert (p.grad - grads[n].grad).abs().max() <= 1e-5, n
+    assert model.mask_token.grad.abs().sum() > 0  # masks really used
 
 
 def test_pos_embed_interpolation():
@@ -144,3 +153,12 @@ def test_bf16_packed_vs_unpacked_vit_large_gpu():
         for key in ("cls", "patch"):
             err = (a[key].float() - b[key].float()).norm() / b[key].float().norm()
             assert err < 2e-2, (key, err)
+
+
+def test_the_reference_import_idiom_binds_the_module():
+    """``import dinov2.models.vision_transformer as vits`` (the reference's idiom) gives the module,
+    not a function of the same name that shadows it."""
+    import dinov2.models.vision_transformer as vits
+
+    assert isinstance(vits, types.ModuleType)
+    assert vits.vit_small is vit_small

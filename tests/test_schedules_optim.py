@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dinov2.config import load_config
-from dinov2.models import vision_transformer
+from dinov2.models import create_vit
 from dinov2.train.meta_arch import Network, build_heads
 from dinov2.train.optim import apply_schedule, build_optimizer, layer_id, param_groups
 from dinov2.train.schedules import Schedules, cosine, scaled_lr, warmup_cosine
@@ -64,7 +64,7 @@ def test_schedules_from_config_at_iterations():
 
 
 def _network(depth=3):
-    backbone = vision_transformer(
+    backbone = create_vit(
         "vit_small", img_size=16, patch_size=4, embed_dim=16, depth=depth, num_heads=2, num_register_tokens=1
     )
     cfg = load_config(None, ["dino_head.out_dim=8", "dino_head.hidden_dim=8", "dino_head.bottleneck_dim=4"])
@@ -89,18 +89,21 @@ def test_param_groups_decay_and_multipliers():
     def group(name):
         return by_param[id(named[name])]
 
-    for no_decay in (
+    # the reference's exemptions (dinov2 utils/param_groups.py): biases, norms, LayerScale gamma only
+    no_decay = {n for n in named if n.endswith(".bias") or "norm" in n or ".gamma" in n}
+    assert {"backbone.blocks.0.ls1.gamma", "backbone.blocks.0.norm1.weight", "backbone.norm.weight"} <= no_decay
+    for name in named:
+        assert group(name)["wd_multiplier"] == (0.0 if name in no_decay else 1.0), name
+    for decay in (  # decayed by the reference (the old code exempted these)
         "backbone.pos_embed",
         "backbone.cls_token",
         "backbone.register_tokens",
         "backbone.mask_token",
-        "backbone.blocks.0.ls1.gamma",
-        "backbone.blocks.0.norm1.weight",
-        "backbone.blocks.0.attn.qkv.bias",
-        "dino_head.last_layer.parametrizations.weight.original0",
+        "dino_head.last_layer.parametrizations.weight.original0",  # the reference's weight_g
+        "backbone.blocks.1.attn.qkv.weight",
+        "backbone.patch_embed.proj.weight",
+        "dino_head.mlp.0.weight",
     ):
-        assert group(no_decay)["wd_multiplier"] == 0.0, no_decay
-    for decay in ("backbone.blocks.1.attn.qkv.weight", "backbone.patch_embed.proj.weight", "dino_head.mlp.0.weight"):
         assert group(decay)["wd_multiplier"] == 1.0, decay
     # layer-wise decay 0.5 over depth 3: embeddings 0.5^4, block i 0.5^(3-i), head 1; patch embed × 0.2
     assert group("backbone.patch_embed.proj.weight")["lr_multiplier"] == pytest.approx(0.5**4 * 0.2)
@@ -115,10 +118,81 @@ def test_param_groups_decay_and_multipliers():
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(0.1 * g["lr_multiplier"])
         assert g["weight_decay"] == pytest.approx(0.04 * g["wd_multiplier"])
+    apply_schedule(opt, lr=0.1, weight_decay=0.04, last_layer_lr=0.0)  # the reference's last-layer freeze
+    for g in opt.param_groups:
+        assert g["lr"] == (0.0 if g["is_last_layer"] else pytest.approx(0.1 * g["lr_multiplier"]))
 
 
-def test_distillation_student_ema_momentum_is_warmed_up():
-    cfg = load_config(None, ["distill.enabled=true", "distill.student_ema_momentum=0.999"])
+def test_frozen_last_layer_keeps_its_weights_but_adam_and_the_clip_norm_see_it():
+    """The reference freezes the prototype layer by a zero lr for its group (dinov2 train/train.py
+    last_layer_lr_schedule): its weights stay, its gradients still enter Adam's moments and the DINO
+    head's clip norm (the old code dropped them: no Adam state, a smaller norm)."""
+    from tiny_config import TINY
+
+    from dinov2.distributed.env import DistEnv
+    from dinov2.train.clipping import clip_gradients
+    from dinov2.train.schedules import ScheduleValues
+    from dinov2.train.trainer import build_loader, build_training
+
+    cfg = load_config("train/demo", TINY + ["optim.clip_grad=0"])
+    env = DistEnv()
+    training = build_training(cfg, env, torch.device("cpu"))
+    batch = next(iter(build_loader(cfg, env, torch.device("cpu"), 0)))
+    head = training.model.student.dino_head
+    last = list(head.last_layer.parameters())
+    before = [p.detach().clone() for p in last]
+    # the norm the step should log: the head's gradient including its prototype layer
+    loss = training.model(batch, teacher_temp=0.07).loss
+    loss.backward()
+    expected = clip_gradients(training.model.student, 0.0)["dino_head"]
+    training.optimizer.zero_grad(set_to_none=True)
+    frozen = ScheduleValues(lr=1e-2, weight_decay=0.04, momentum=0.99, teacher_temp=0.07, freeze_last_layer=True)
+    parts = training.step(batch, frozen)
+    assert parts["grad_norm/dino_head"].item() == pytest.approx(expected.item(), rel=1e-5)
+    for p, p0 in zip(last, before, strict=True):
+        assert torch.equal(p.detach(), p0)  # lr 0: no update, no weight decay
+        assert training.optimizer.state[p]["exp_avg"].abs().sum() > 0  # Adam saw the gradient
+    mlp = head.mlp[0].weight
+    mlp_before = mlp.detach().clone()
+    training.step(batch, frozen)
+    assert not torch.equal(mlp.detach(), mlp_before)  # the rest of the head trains
+
+
+def test_dino_head_init_is_the_reference_trunc_normal():
+    """dinov2 layers/dino_head.py: MLP weights trunc_normal(std=0.02) (cut at ±2 absolute), zero biases;
+    the prototypes' weight-norm g = 1. ``fan_in`` (the CPU recipes) scales the std by 1/sqrt(fan_in)."""
+    from dinov2.layers import DINOHead
+
+    torch.manual_seed(0)
+    head = DINOHead(384, 512, hidden_dim=2048, bottleneck_dim=256, nlayers=3)
+    linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        # a normal(0, 0.02) cut at ±2 (i.e. ±100 std: nothing is cut) has std 0.02
+        assert m.weight.std().item() == pytest.approx(0.02, rel=0.02)
+        assert m.weight.abs().max().item() < 0.2 and torch.all(m.bias == 0)
+    assert torch.all(head.last_layer.parametrizations.weight.original0 == 1)
+    v = head.last_layer.parametrizations.weight.original1  # nn.Linear's default: U(-1/sqrt(256), 1/sqrt(256))
+    assert v.abs().max().item() <= 1 / 16 and v.std().item() == pytest.approx(1 / 16 / math.sqrt(3), rel=0.02)
+    fan_in = DINOHead(384, 512, hidden_dim=2048, bottleneck_dim=256, nlayers=3, mlp_init="fan_in")
+    assert fan_in.mlp[0].weight.std().item() == pytest.approx(384**-0.5 * 0.88, rel=0.03)  # cut at 2 std
+    cfg = load_config(None, [])
+    assert cfg.dino_head.mlp_init == cfg.ibot_head.mlp_init == "trunc_normal"
+    with pytest.raises(ValueError, match="mlp_init"):
+        DINOHead(8, 8, mlp_init="xavier")
+
+
+def test_distillation_student_ema_momentum_warm_up_option():
+    """``distill.student_ema_warmup=true`` (short CPU runs): min(m, (1 + t) / (10 + t)) on top of the
+    schedule, here a constant 0.999."""
+    cfg = load_config(
+        None,
+        [
+            "distill.enabled=true",
+            "distill.student_ema_momentum=0.999",
+            "distill.final_student_ema_momentum=0.999",
+            "distill.student_ema_warmup=true",
+        ],
+    )
     s = Schedules.from_config(cfg, global_batch=256, total_iterations=20_000)
     assert s.at(0).momentum == pytest.approx(0.1) and s.at(8).momentum == pytest.approx(0.5)
     assert s.at(80).momentum == pytest.approx(0.9) and s.at(890).momentum == pytest.approx(0.99)

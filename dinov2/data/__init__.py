@@ -8,6 +8,7 @@ from dinov2.data.arrays import ArrayDataset
 from dinov2.data.augmentations import MultiCropAugmentation
 from dinov2.data.augmented import AugmentedDataset
 from dinov2.data.base import ImageDataset, Sample
+from dinov2.data.batches import TRAIN_BATCH_KEYS, TrainBatches
 from dinov2.data.blobs import BlobDataset, CIFAR10BlobDataset
 from dinov2.data.collate import MultiCropCollate, collate_multicrop
 from dinov2.data.datasets import DATASET_KINDS, build_dataset
@@ -23,6 +24,7 @@ __all__ = [
     "DATASET_KINDS",
     "DEMO_CLASSES",
     "IMAGE_EXTENSIONS",
+    "TRAIN_BATCH_KEYS",
     "ArrayDataset",
     "AugmentedDataset",
     "BlobDataset",
@@ -37,6 +39,7 @@ __all__ = [
     "MultiCropAugmentation",
     "MultiCropCollate",
     "Sample",
+    "TrainBatches",
     "TrainLoader",
     "build_dataset",
     "build_train_loader",

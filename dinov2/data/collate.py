@@ -41,6 +41,23 @@ def mask_tensors(masks: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def batch_masks(
+    num_global_crops: int, grid: tuple[int, int], mask_cfg: MaskConfig, rng: np.random.Generator | None
+) -> dict[str, Any]:
+    """iBOT masks of ``num_global_crops`` crops of ``grid`` patches, drawn from ``rng`` (the same
+    generator gives the same masks on either pipeline), in :func:`mask_tensors` form."""
+    masks = sample_masks(
+        num_global_crops,
+        grid,
+        mask_probability=mask_cfg.mask_probability,
+        ratio_min_max=tuple(mask_cfg.mask_ratio_min_max),
+        generator=rng,
+        min_num_patches=mask_cfg.min_num_patches,
+        aspect_ratio=tuple(mask_cfg.aspect_ratio_min_max),
+    )
+    return mask_tensors(torch.from_numpy(masks).flatten(1))
+
+
 def collate_multicrop(
     samples: list[dict[str, Any]],
     mask_cfg: MaskConfig,
@@ -57,20 +74,12 @@ def collate_multicrop(
     """
     global_crops = stack_view_major([s["global_crops"] for s in samples])
     height, width = global_crops.shape[-2:]
-    masks = sample_masks(
-        len(global_crops),
-        (height // patch_size, width // patch_size),
-        mask_probability=mask_cfg.mask_probability,
-        ratio_min_max=tuple(mask_cfg.mask_ratio_min_max),
-        generator=generator,
-        min_num_patches=mask_cfg.min_num_patches,
-        aspect_ratio=tuple(mask_cfg.aspect_ratio_min_max),
-    )
+    masks = batch_masks(len(global_crops), (height // patch_size, width // patch_size), mask_cfg, generator)
     skipped_paths = [path for s in samples for path in s.get("skipped", ())]
     return {
         "global_crops": global_crops,
         "local_crops": stack_view_major([s["local_crops"] for s in samples]),
-        **mask_tensors(torch.from_numpy(masks).flatten(1)),
+        **masks,
         "labels": torch.tensor([s.get("label", -1) for s in samples], dtype=torch.long),
         "positions": torch.tensor([s.get("position", -1) for s in samples], dtype=torch.long),
         "num_skipped": len(skipped_paths),

@@ -5,6 +5,11 @@ EMA, eval mode. The student is trained with exactly the DINO + iBOT + KoLeo loss
 :class:`~dinov2.train.meta_arch.SSLMetaArch` against the teacher's centred outputs (same code, the
 teacher is simply passed in), and an EMA of the student is kept and exported as the final model.
 
+The recipe's defaults are dinov3's distillation (``distill.*`` in ``dinov2/config.py``, docs/PARITY.md):
+the student sees its global crops unmasked (the iBOT loss still compares the drawn patch positions),
+constant teacher temperature and weight decay, no prototype-layer freeze, layer-wise lr decay 0.99,
+and the students' EMA on a cosine from 0.994 to 1.
+
 Where the teacher comes from (``distill.teacher_checkpoint``):
 
 - a training run of ours (its output directory or one ``ckpt_*`` directory): the EMA teacher's
@@ -42,6 +47,9 @@ logger = logging.getLogger(__name__)
 class DistillMetaArch(SSLMetaArch):
     def __init__(self, cfg: Config, teacher: Network) -> None:
         super().__init__(cfg, teacher=teacher)
+        # dinov3 (train/ssl_meta_arch.py get_student_output): ``masks=[masks if not distillation else None,
+        # None]``: the student sees the global crops whole, the iBOT loss still compares the drawn patches
+        self.student_masks = cfg.distill.student_masks
         self.extra_students = nn.ModuleDict()
         for extra in cfg.distill.extra_students:
             _check_student_name(extra.name, self.extra_students)
@@ -66,8 +74,8 @@ class DistillMetaArch(SSLMetaArch):
         return self
 
     def update_ema(self, momentum: float) -> None:
-        """The teacher is frozen; the students' EMAs move instead, at the schedule's momentum
-        (``distill.student_ema_momentum``, warmed up: ``dinov2.train.schedules.ema_warmup``)."""
+        """The teacher is frozen; the students' EMAs move instead, at the schedule's momentum (cosine from
+        ``distill.student_ema_momentum`` to ``distill.final_student_ema_momentum``: ``dinov2.train.schedules``)."""
         ema_update(self.student_ema, self.student, momentum)
         for name, student in self.extra_students.items():
             ema_update(self.extra_emas[name], student, momentum)

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from dinov2.distributed.comm import world_size
+
 
 class StopRequest:
     """Set from anywhere (signal handler, thread, test); read collectively by the training loop.
@@ -44,7 +46,7 @@ class StopRequest:
         """True on every rank when any rank has a request; call on all ranks after ``iteration``."""
         if iteration % self.check_every:
             return False
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if world_size() == 1:
             return self.requested
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -199,9 +199,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one evaluation mode; returns the results (also printed and written by rank 0)."""
 
     from dinov2.data import build_dataset
+    from dinov2.distributed.comm import rank_and_world
     from dinov2.eval.backbone_io import find_weights, load_backbone
     from dinov2.eval.features import eval_transform
-    from dinov2.eval.gather import rank_and_world
 
     started_dist = _init_distributed(args.device)
     try:
@@ -250,8 +250,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_knn(args, backbone, train_set, test_set, common, ecfg) -> dict[str, Any]:
+    from dinov2.distributed.comm import rank_and_world
     from dinov2.eval.features import extract_features
-    from dinov2.eval.gather import rank_and_world
     from dinov2.eval.knn import knn_classify
 
     ks = list(_pick(args.ks, ecfg.knn_k))
@@ -275,8 +275,8 @@ def _run_knn(args, backbone, train_set, test_set, common, ecfg) -> dict[str, Any
 
 
 def _run_linear(args, backbone, train_set, test_set, common, ecfg) -> dict[str, Any]:
+    from dinov2.distributed.comm import rank_and_world
     from dinov2.eval.features import extract_features
-    from dinov2.eval.gather import rank_and_world
     from dinov2.eval.linear import linear_probe
 
     patch_mean = _pick(args.patch_mean, ecfg.linear_patch_mean)

@@ -13,7 +13,6 @@ shard only (a sharded train set for distributed k-NN).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from dinov2.eval.gather import all_gather_stacked, rank_and_world
+from dinov2.device import autocast
+from dinov2.distributed.comm import rank_and_world
+from dinov2.eval.gather import all_gather_stacked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,16 +131,14 @@ def extract_features(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-    )
+    mixed_precision = autocast(device, amp_dtype)
     from tqdm.auto import tqdm
 
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), mixed_precision:
             for images, targets in tqdm(loader, desc="features", disable=not progress or rank != 0, leave=False):
                 images = images.to(device, non_blocking=True)
                 f = _features(backbone, images, patch_mean, normalize)

@@ -12,17 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def is_distributed() -> bool:
-    """True when a default process group is initialized."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)``, ``(0, 1)`` when not distributed."""
-    if is_distributed():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from dinov2.distributed.comm import is_distributed, world_size
 
 
 def comm_device() -> torch.device:
@@ -41,7 +31,7 @@ def all_gather_stacked(t: Tensor) -> Tensor:
         return t.unsqueeze(0)
     device = comm_device()
     local = t.to(device).contiguous()
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(parts, local)
     return torch.stack(parts).to(t.device)
 

@@ -23,28 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinov2.eval.gather import all_gather_stacked, all_reduce_int, is_distributed
+from dinov2.distributed.comm import is_distributed
+from dinov2.eval.gather import all_gather_stacked, all_reduce_int
+from dinov2.eval.topk import merge_topk, running_topk
 
 DEFAULT_KS = (10, 20, 100, 200)
 
 
-def _merge_topk(sims: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top ``k`` (sorted, descending) of candidate ``sims (Q, M)`` with their ``labels (Q, M)``."""
-    values, idx = sims.topk(min(k, sims.shape[1]), dim=1)
-    return values, labels.gather(1, idx)
-
-
 def _local_topk(queries: Tensor, train: Tensor, train_labels: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
     """Running top-``k`` cosine neighbours of ``queries`` over ``train``, ``chunk`` rows at a time."""
-    best_s = queries.new_empty((queries.shape[0], 0))
-    best_l = train_labels.new_empty((queries.shape[0], 0))
-    for start in range(0, train.shape[0], chunk):
-        block = F.normalize(train[start : start + chunk].float(), dim=1)
-        block_labels = train_labels[start : start + chunk]
-        sims = queries @ block.T
-        s, l = _merge_topk(sims, block_labels.expand(sims.shape[0], -1), k)
-        best_s, best_l = _merge_topk(torch.cat([best_s, s], 1), torch.cat([best_l, l], 1), k)
-    return best_s, best_l
+    if train.shape[0] == 0:
+        return queries.new_empty((queries.shape[0], 0)), train_labels.new_empty((queries.shape[0], 0))
+    blocks = (
+        (queries @ F.normalize(train[start : start + chunk].float(), dim=1).T, train_labels[start : start + chunk])
+        for start in range(0, train.shape[0], chunk)
+    )
+    return running_topk(blocks, k)
 
 
 def _global_topk(local_s: Tensor, local_l: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -55,7 +49,7 @@ def _global_topk(local_s: Tensor, local_l: Tensor, k: int) -> tuple[Tensor, Tens
         local_l = F.pad(local_l, (0, pad), value=0)
     all_s = all_gather_stacked(local_s).permute(1, 0, 2).flatten(1)  # (Q, world * k)
     all_l = all_gather_stacked(local_l).permute(1, 0, 2).flatten(1)
-    return _merge_topk(all_s, all_l, k)
+    return merge_topk(all_s, all_l, k)
 
 
 def weighted_vote(sims: Tensor, labels: Tensor, k: int, temperature: float, num_classes: int) -> Tensor:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LAYOUTS",
+    "default_pos_embed_interpolation",
     "detect_layout",
     "export_state_dict",
     "from_hf",
@@ -48,6 +49,7 @@ __all__ = [
     "hf_config_kwargs",
     "load_pretrained_backbone",
     "load_state_dict_any",
+    "read_metadata",
     "read_state_dict",
     "timm_model_kwargs",
     "to_hf",
@@ -163,6 +165,39 @@ def _read_file(path: Path) -> dict[str, Any]:
     return obj
 
 
+#: safetensors metadata of our exports (``dinov2.train.export``): their format, and the interpolation mode
+EXPORT_FORMAT = "dinov2-train backbone"
+POS_EMBED_METADATA_KEY = "pos_embed_interpolation"
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (of every file of a folder, merged); ``{}`` for
+    torch files."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    out: dict[str, str] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt") as f:
+                out.update(f.metadata() or {})
+    return out
+
+
+def default_pos_embed_interpolation(path: str | Path, num_register_tokens: int) -> str:
+    """How weights from ``path`` interpolate position embeddings unless the config says otherwise:
+    what our export recorded (``"ours"`` for exports older than the record), else as released —
+    ``"reference"``, or ``"reference_reg"`` for weights with registers (dinov2 ``hub/backbones.py:27-28,
+    107-108``): the released checkpoints, timm's and HF's copies of them."""
+    meta = read_metadata(path)
+    if POS_EMBED_METADATA_KEY in meta:
+        return meta[POS_EMBED_METADATA_KEY]
+    if meta.get("format") == EXPORT_FORMAT:
+        return "ours"
+    return "reference_reg" if num_register_tokens else "reference"
+
+
 def _heads_from_hf_config(path: Path) -> int | None:
     """``num_attention_heads`` of the HF DINOv2 config.json in (or next to) ``path``, if any."""
     config = (path if path.is_dir() else path.parent) / "config.json"
@@ -187,7 +222,9 @@ def load_pretrained_backbone(
     The shape-determined architecture comes from the weights: width, depth, patch size, input
     channels, registers, FFN kind and width, biases, LayerScale presence and the position-embedding
     grid (``img_size``; the released DINOv2 weights are at 518 px and interpolate to other sizes).
-    ``model_cfg`` supplies the rest (heads, attention backend, interpolation antialias, drop path);
+    ``model_cfg`` supplies the rest (heads, attention backend, drop path, position-embedding
+    interpolation: when it leaves ``pos_embed_interpolation`` unset, see
+    :func:`default_pos_embed_interpolation` — released, timm and HF weights interpolate as released);
     where it sets ``embed_dim`` / ``depth`` / ``ffn_layer`` explicitly they must agree with the
     weights. Heads: ``num_heads``, else ``model_cfg.num_heads``, else the HF DINOv2 config.json in / next to ``path``,
     else the arch's default if its width matches, else by width (384 → 6, 768 → 12, 1024 → 16,
@@ -236,6 +273,8 @@ def load_pretrained_backbone(
         qkv_bias=found["qkv_bias"],
         proj_bias=found["proj_bias"],
         ffn_bias=found["ffn_bias"],
+        pos_embed_interpolation=cfg.pos_embed_interpolation
+        or default_pos_embed_interpolation(path, int(found["num_register_tokens"])),
     )
     model = build_backbone(cfg)
     model.load_state_dict(state, strict=True)

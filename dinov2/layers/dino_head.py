@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from dinov2.layers.init import EAGER, Init
+
+MlpInit = Literal["trunc_normal", "fan_in"]
 
 
 class DINOHead(nn.Module):
@@ -16,11 +20,20 @@ class DINOHead(nn.Module):
     the first iterations."""
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        mlp_init: MlpInit = "trunc_normal",
     ) -> None:
         super().__init__()
         if nlayers < 1:
             raise ValueError("DINOHead needs nlayers >= 1")
+        if mlp_init not in ("trunc_normal", "fan_in"):
+            raise ValueError(f"unknown head mlp_init '{mlp_init}' (expected trunc_normal or fan_in)")
+        self.mlp_init = mlp_init
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
@@ -35,17 +48,31 @@ class DINOHead(nn.Module):
         self.init_weights(EAGER)
 
     def init_weights(self, init: Init) -> None:
-        """The head's distributions through ``init`` (eager or keyed, ``dinov2.layers.init``)."""
-        # std 1/sqrt(fan_in) (truncated at 2 std): about the reference 0.02 at ViT-L/g widths, but it keeps
-        # the features' spread through the head for narrow backbones, where 0.02 squeezes every sample
-        # onto nearly one bottleneck direction (GELU's even part dominates tiny pre-activations).
+        """The head's distributions through ``init`` (eager or keyed, ``dinov2.layers.init``).
+
+        ``trunc_normal`` (the reference, dinov2 ``layers/dino_head.py``): MLP weights truncated normal
+        with std 0.02 (cut at ±2, absolute), zero biases; the prototypes' direction ``v`` as
+        ``nn.Linear``'s default, uniform in ``±1/sqrt(fan_in)`` (the reference applies its init before
+        creating ``last_layer``) and ``g = 1``. ``fan_in``: MLP std ``1/sqrt(fan_in)`` (cut at 2 std) and
+        ``v`` truncated normal 0.02; about the reference at ViT-L/g widths, but it keeps the features'
+        spread through the head of narrow backbones, where 0.02 squeezes every sample onto nearly one
+        bottleneck direction (GELU's even part dominates tiny pre-activations): the CPU recipes (demo,
+        cifar10) use it."""
         for m in self.mlp:
             if isinstance(m, nn.Linear):
-                std = m.in_features**-0.5
-                init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+                if self.mlp_init == "trunc_normal":
+                    init.trunc_normal_(m.weight, std=0.02)
+                else:
+                    std = m.in_features**-0.5
+                    init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
                 init.zeros_(m.bias)
         weight = self.last_layer.parametrizations.weight
-        init.trunc_normal_(weight.original1, std=0.02)  # direction v
+        direction = weight.original1
+        if self.mlp_init == "trunc_normal":
+            bound = direction.shape[1] ** -0.5  # kaiming_uniform_(a=sqrt(5)), nn.Linear.reset_parameters
+            init.uniform_(direction, -bound, bound)
+        else:
+            init.trunc_normal_(direction, std=0.02)
         init.ones_(weight.original0)  # norm g
 
     def forward(self, x: Tensor) -> Tensor:

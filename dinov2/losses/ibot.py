@@ -23,12 +23,14 @@ def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
 class IBOTPatchLoss(nn.Module):
     """Masked-patch cross-entropy with per-image weighting.
 
-    ``loss = -sum_m w_m * sum_k p_m[k] * log softmax(s_m / student_temp)[k] / n_masked_images``
+    ``loss = -sum_m w_m * sum_k p_m[k] * log softmax(s_m / student_temp)[k] / n_images``
 
-    With ``w = masked_patch_weights(masks)`` and ``n_masked_images`` the number of images that have
-    at least one masked patch, this is the mean over masked images of the mean over their masked
-    patches, so every image counts equally whatever its mask ratio. (Reference DINOv2 code divides
-    by the number of *all* global crops instead, masked or not; pass that count to get its scale.)
+    With ``w = masked_patch_weights(masks)`` each masked image's patches weigh 1 in total (the mean
+    over its masked patches). The reference (dinov2 and dinov3 ``loss/ibot_patch_loss.py``
+    ``forward_masked``: ``-loss.sum() / student_masks_flat.shape[0]``) divides by the number of *all*
+    global crops, masked or not; the meta-architecture passes that count (``2B``), so an unmasked
+    crop counts as a zero and the loss is about half the mean over masked images at mask probability
+    0.5.
 
     Args:
         student_temp: temperature of the student softmax.
@@ -38,7 +40,7 @@ class IBOTPatchLoss(nn.Module):
         teacher_probs: (M', K) teacher target probabilities for the same patches.
         weights: (M,) per-patch weights. Rows at index >= M of the logits/targets are padding
             and are ignored entirely (so padded, fixed-size batches of masked patches work).
-        n_masked_images: normalizer (int or scalar tensor); clamped to >= 1.
+        n_images: normalizer (int or scalar tensor), the number of global crops; clamped to >= 1.
 
     Returns a float32 scalar.
     """
@@ -55,7 +57,7 @@ class IBOTPatchLoss(nn.Module):
         student_logits: torch.Tensor,
         teacher_probs: torch.Tensor,
         weights: torch.Tensor,
-        n_masked_images: int | torch.Tensor,
+        n_images: int | torch.Tensor,
     ) -> torch.Tensor:
         if student_logits.ndim != 2 or student_logits.shape != teacher_probs.shape:
             raise ValueError(
@@ -69,6 +71,6 @@ class IBOTPatchLoss(nn.Module):
         log_p = F.log_softmax(student_logits[:n_real].float() / self.student_temp, dim=-1)
         cross_entropy = -(teacher_probs[:n_real].float() * log_p).sum(dim=-1)  # (M,)
         total = (cross_entropy * weights.float()).sum()
-        if isinstance(n_masked_images, torch.Tensor):
-            return total / n_masked_images.float().clamp_min(1.0)
-        return total / max(int(n_masked_images), 1)
+        if isinstance(n_images, torch.Tensor):
+            return total / n_images.float().clamp_min(1.0)
+        return total / max(int(n_images), 1)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov2.layers import AttentionDispatcher, Block, LayerScale, PatchEmbed
 from dinov2.layers.attention import prepare_attention
 from dinov2.layers.init import EAGER, Init
+from dinov2.models.pos_embed import interpolate_pos_embed
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,13 @@ class DinoVisionTransformer(nn.Module):
         drop_path_mode: str = "efficient",
         num_register_tokens: int = 0,
         attn_backend: str = "auto",
-        interpolate_antialias: bool = True,
+        pos_embed_interpolation: str = "ours",
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.num_register_tokens = num_register_tokens
-        self.interpolate_antialias = interpolate_antialias
+        self.pos_embed_interpolation = pos_embed_interpolation  # see dinov2.models.pos_embed
         self.base_grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -131,19 +131,9 @@ class DinoVisionTransformer(nn.Module):
 
     # ---------------------------------------------------------------------------------- tokens
     def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:
-        """Position embedding for an ``h × w`` patch grid (bicubic, antialiased), ``(1, 1+h*w, D)``."""
-        if (h, w) == (self.base_grid, self.base_grid):
-            return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        grid = patch_pos.reshape(1, self.base_grid, self.base_grid, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(
-            grid.float(),
-            size=(h, w),
-            mode="bicubic",
-            antialias=self.interpolate_antialias,
-            align_corners=False,
-        ).to(patch_pos.dtype)
-        return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+        """Position embedding for an ``h × w`` patch grid, ``(1, 1+h*w, D)``, resampled as
+        ``self.pos_embed_interpolation`` says (``dinov2.models.pos_embed``)."""
+        return interpolate_pos_embed(self.pos_embed, h, w, self.pos_embed_interpolation)
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Images ``(B, C, H, W)`` → tokens ``(B, 1 + R + N, D)``: [CLS, registers, patches].
@@ -221,7 +211,7 @@ class DinoVisionTransformer(nn.Module):
         return len(self.blocks)
 
 
-def vision_transformer(arch: str, **kwargs: Any) -> DinoVisionTransformer:
+def create_vit(arch: str, **kwargs: Any) -> DinoVisionTransformer:
     """Build ``vit_tiny`` / ``vit_small`` / ``vit_base`` / ``vit_large`` / ``vit_giant2``; keyword
     arguments override the arch's width, depth, heads or FFN kind and set everything else."""
     if arch not in ARCHS:
@@ -234,24 +224,24 @@ def vision_transformer(arch: str, **kwargs: Any) -> DinoVisionTransformer:
 
 
 def vit_small(**kwargs: Any) -> DinoVisionTransformer:
-    return vision_transformer("vit_small", **kwargs)
+    return create_vit("vit_small", **kwargs)
 
 
 def vit_base(**kwargs: Any) -> DinoVisionTransformer:
-    return vision_transformer("vit_base", **kwargs)
+    return create_vit("vit_base", **kwargs)
 
 
 def vit_large(**kwargs: Any) -> DinoVisionTransformer:
-    return vision_transformer("vit_large", **kwargs)
+    return create_vit("vit_large", **kwargs)
 
 
 def vit_giant2(**kwargs: Any) -> DinoVisionTransformer:
-    return vision_transformer("vit_giant2", **kwargs)
+    return create_vit("vit_giant2", **kwargs)
 
 
 def build_backbone(cfg: Any) -> DinoVisionTransformer:
     """Backbone from a ``ModelConfig`` (see ``dinov2.config``)."""
-    return vision_transformer(
+    return create_vit(
         cfg.arch,
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
@@ -270,5 +260,5 @@ def build_backbone(cfg: Any) -> DinoVisionTransformer:
         drop_path_mode=cfg.drop_path_mode,
         num_register_tokens=cfg.num_register_tokens,
         attn_backend=cfg.attn_backend,
-        interpolate_antialias=cfg.interpolate_antialias,
+        pos_embed_interpolation=str(cfg.pos_embed_interpolation or "ours"),
     )

@@ -16,6 +16,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "dinov2-train --config configs/train/demo.yaml train.output_dir=outputs/demo optim.epochs=5",
     )
     parser.add_argument("--config", required=True, help="YAML file or preset name such as train/vits14")
+    parser.add_argument(
+        "--init-from",
+        metavar="RUN_DIR",
+        help="start from the student, teacher and head weights of another run (no optimizer or data state), "
+        "position embeddings resampled to this config's grid: the high-resolution phase (train/vit*14_highres)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.base_lr=1e-3")
     plan = parser.add_argument_group("--plan: per-GPU memory and communication, no training (docs/launch.md)")
     plan.add_argument("--plan", action="store_true", help="print the memory/communication plan and exit")
@@ -51,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.init_from:
+            cfg.train.init_from = args.init_from
+        if cfg.train.init_from:
+            from dinov2.train.init_from import check_init_from
+
+            check_init_from(cfg.train.init_from, cfg)  # before anything is written
     except ConfigError as e:
         print(f"dinov2-train: error: {e}", file=sys.stderr)
         return 2

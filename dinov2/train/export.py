@@ -27,6 +27,10 @@ def export_backbone(backbone: nn.Module, path: str | Path, env: DistEnv) -> Path
     state = full_state_dict(backbone)
     if env.is_main:
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "dinov2-train backbone"})
+        metadata = {"format": "dinov2-train backbone"}
+        mode = getattr(backbone, "pos_embed_interpolation", None)
+        if mode is not None:  # read back by dinov2.interop.load_pretrained_backbone
+            metadata["pos_embed_interpolation"] = str(mode)
+        save_file(state, str(tmp), metadata=metadata)
         tmp.replace(path)
     return path

@@ -24,11 +24,12 @@ from dinov2.models import DinoVisionTransformer, build_backbone
 
 
 def build_heads(embed_dim: int, dino: HeadConfig, ibot: HeadConfig, separate_ibot: bool) -> nn.ModuleDict:
-    heads = nn.ModuleDict(
-        {"dino_head": DINOHead(embed_dim, dino.out_dim, dino.hidden_dim, dino.bottleneck_dim, dino.nlayers)}
-    )
+    def head(c: HeadConfig) -> DINOHead:
+        return DINOHead(embed_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.nlayers, mlp_init=c.mlp_init)
+
+    heads = nn.ModuleDict({"dino_head": head(dino)})
     if separate_ibot:
-        heads["ibot_head"] = DINOHead(embed_dim, ibot.out_dim, ibot.hidden_dim, ibot.bottleneck_dim, ibot.nlayers)
+        heads["ibot_head"] = head(ibot)
     return heads
 
 
@@ -79,6 +80,8 @@ class SSLMetaArch(nn.Module):
         self.ibot_loss = IBOTPatchLoss(loss_cfg.student_temp)
         self.koleo_loss = KoLeoLoss()
         self.loss_cfg = loss_cfg
+        # the student's global crops get the iBOT mask tokens (distillation may see them unmasked)
+        self.student_masks = True
 
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
@@ -140,7 +143,7 @@ class SSLMetaArch(nn.Module):
 
         has_local = local_crops is not None and local_crops.numel() > 0
         crops = [global_crops, local_crops] if has_local else [global_crops]
-        outs = student.backbone(crops, [masks] + [None] * (len(crops) - 1))
+        outs = student.backbone(crops, [masks if self.student_masks else None] + [None] * (len(crops) - 1))
         global_cls = outs[0]["cls"]
         cls = torch.cat([global_cls] + ([outs[1]["cls"]] if has_local else []))
         masked = outs[0]["patch"].flatten(0, 1)[mask_index]
@@ -157,8 +160,9 @@ class SSLMetaArch(nn.Module):
             parts["dino"] = self.dino_loss(student_global, dino_targets, student_local)
             loss = loss + cfg.dino_weight * parts["dino"]
         if cfg.ibot_weight and mask_index.numel() > 0:
-            n_masked_images = masks.any(dim=1).sum()
-            parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_masked_images)
+            # normalised by all 2B global crops, masked or not, as the reference (dinov2/dinov3
+            # ibot_patch_loss.py forward_masked; ssl_meta_arch.py's loss scales 2 * 1/2 cancel)
+            parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_global)
             loss = loss + cfg.ibot_weight * parts["ibot"]
         elif cfg.ibot_weight:
             # no masked patch in this rank's batch: a zero that keeps the iBOT head in the graph, so every

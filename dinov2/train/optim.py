@@ -12,12 +12,12 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-# tokens, embeddings and scales that are never decayed (biases and norm weights are 1-D and caught too)
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "register_tokens", "mask_token", "gamma", "original0")
 
-
-def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in NO_DECAY_NAMES)
+def is_no_decay(name: str) -> bool:
+    """The reference's exemptions (dinov2 ``utils/param_groups.py`` get_params_groups_with_decay, dinov3
+    ``train/param_groups.py`` the same): biases, norm parameters and LayerScale ``gamma``. Position
+    embedding, cls / mask / register tokens and the prototypes' weight-norm ``g`` are decayed."""
+    return name.endswith(".bias") or "norm" in name or "gamma" in name
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -49,7 +49,7 @@ def param_groups(
         lr_mult = layerwise_decay ** (depth + 1 - lid)
         if in_backbone and "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
-        wd_mult = 0.0 if is_no_decay(name, param) else 1.0
+        wd_mult = 0.0 if is_no_decay(name) else 1.0
         key = (lr_mult, wd_mult, "last_layer" in name)
         groups[key].append(param)
     return [
@@ -71,7 +71,14 @@ def build_optimizer(groups: list[dict], betas: tuple[float, float], fused: bool,
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, weight_decay=0.0, **kwargs)
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+def apply_schedule(
+    optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, last_layer_lr: float | None = None
+) -> None:
+    """Set every group's lr and weight decay from the schedules' values and the group's multipliers; the
+    prototype-layer groups (``is_last_layer``) take ``last_layer_lr`` (default ``lr``): 0 while frozen, as
+    the reference's ``last_layer_lr_schedule`` (dinov2 ``train/train.py`` build_schedulers,
+    apply_optim_scheduler)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_multiplier"]
+        base = last_layer_lr if group["is_last_layer"] and last_layer_lr is not None else lr
+        group["lr"] = base * group["lr_multiplier"]
         group["weight_decay"] = weight_decay * group["wd_multiplier"]

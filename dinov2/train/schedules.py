@@ -3,8 +3,13 @@ prototype-layer freeze. All are pure functions of the iteration, so resuming nee
 
 The EMA momentum is that of the network the run averages: the teacher when self-distilling (cosine
 from ``optim.momentum_teacher`` to ``optim.final_momentum_teacher``), the students' EMAs when
-distilling from a frozen teacher (``distill.student_ema_momentum``, warmed up by :func:`ema_warmup` so
-that the exported EMA of a short run is not mostly its random initialisation).
+distilling from a frozen teacher (cosine from ``distill.student_ema_momentum`` to
+``distill.final_student_ema_momentum``, dinov3's; with ``distill.student_ema_warmup`` also warmed up by
+:func:`ema_warmup`, so that the exported EMA of a short run is not mostly its random initialisation).
+
+Distillation follows dinov3's recipe (``dinov3/configs/train/dinov3_vitl16_lvd1689m_distilled.yaml``,
+``schedules``): teacher temperature constant (``distill.teacher_temp_warmup``), weight decay constant
+(``distill.cosine_weight_decay``), no prototype-layer freeze (``distill.freeze_last_layer``).
 """
 
 from __future__ import annotations
@@ -81,24 +86,26 @@ class Schedules:
     @classmethod
     def from_config(cls, cfg, global_batch: int, total_iterations: int) -> Schedules:
         """From the ``optim`` and ``loss`` sections of a :class:`dinov2.config.Config`."""
-        o, loss = cfg.optim, cfg.loss
+        o, loss, d = cfg.optim, cfg.loss, cfg.distill
         per_epoch = o.epoch_length
-        distill = cfg.distill.enabled
-        momentum = cfg.distill.student_ema_momentum if distill else o.momentum_teacher
+        distill = d.enabled
+        temp_warmup = not distill or d.teacher_temp_warmup
         return cls(
             total_iterations=total_iterations,
             peak_lr=scaled_lr(o.base_lr, global_batch, o.lr_scaling),
             min_lr=o.min_lr,
             warmup_iterations=round(o.warmup_epochs * per_epoch),
             weight_decay=o.weight_decay,
-            weight_decay_end=o.weight_decay_end,
-            momentum=momentum,
-            final_momentum=momentum if distill else o.final_momentum_teacher,
+            weight_decay_end=o.weight_decay_end if not distill or d.cosine_weight_decay else o.weight_decay,
+            momentum=d.student_ema_momentum if distill else o.momentum_teacher,
+            final_momentum=d.final_student_ema_momentum if distill else o.final_momentum_teacher,
             teacher_temp=loss.teacher_temp,
-            warmup_teacher_temp=loss.warmup_teacher_temp,
-            teacher_temp_warmup_iterations=round(loss.warmup_teacher_temp_epochs * per_epoch),
-            freeze_last_layer_iterations=round(o.freeze_last_layer_epochs * per_epoch),
-            warmup_momentum=distill,
+            warmup_teacher_temp=loss.warmup_teacher_temp if temp_warmup else loss.teacher_temp,
+            teacher_temp_warmup_iterations=round(loss.warmup_teacher_temp_epochs * per_epoch) if temp_warmup else 0,
+            freeze_last_layer_iterations=(
+                round(o.freeze_last_layer_epochs * per_epoch) if not distill or d.freeze_last_layer else 0
+            ),
+            warmup_momentum=distill and d.student_ema_warmup,
         )
 
     def at(self, it: int) -> ScheduleValues:

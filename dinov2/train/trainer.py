@@ -2,12 +2,12 @@
 
 One code path for a single CPU process, one GPU, torchrun and SLURM (the process group comes from
 ``dinov2.distributed``). Each iteration: schedules → teacher targets → packed student forward →
-losses → backward → last-layer freeze → global-norm clipping → AdamW → EMA teacher update.
+losses → backward → clipping (per sub-module, ``dinov2.train.clipping``) → AdamW (the prototype layer at lr 0
+while frozen) → EMA teacher update.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -19,14 +19,16 @@ from typing import Any
 import torch
 
 from dinov2.config import Amp, Config, ConfigError, to_yaml
-from dinov2.data import build_train_loader
+from dinov2.data import TrainBatches, build_train_loader
+from dinov2.device import autocast, resolve_device
 from dinov2.distributed.comm import all_reduce_sum_, world_size
 from dinov2.distributed.env import DistEnv, distributed_session
 from dinov2.distributed.mesh import build_mesh
 from dinov2.distributed.meta_init import check_no_full_copy, materialize, on_meta
-from dinov2.distributed.parallelize import clip_grad_norm, parallelize, should_shard
+from dinov2.distributed.parallelize import parallelize, should_shard
 from dinov2.distributed.stop import StopRequest
 from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.clipping import clip_gradients
 from dinov2.train.export import export_backbone
 from dinov2.train.final_eval import knn_of_backbone
 from dinov2.train.meta_arch import SSLMetaArch
@@ -60,20 +62,10 @@ def total_iterations(cfg: Config) -> int:
     return cfg.optim.epochs * cfg.optim.epoch_length
 
 
-def resolve_device(name: str, env: DistEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", env.local_rank)
-    return torch.device(name)
-
-
 def autocast_context(cfg: Config, device: torch.device):
     """bf16 autocast on CUDA (``train.amp=bf16``), none otherwise. fp16 is not offered (``Amp``): it would
     need loss scaling, and bf16 has fp32's exponent range on every GPU this recipe targets."""
-    if device.type != "cuda" or cfg.train.amp == Amp.none:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+    return autocast(device, torch.bfloat16 if device.type == "cuda" and cfg.train.amp == Amp.bf16 else None)
 
 
 def construct_meta_arch(cfg: Config, teacher=None) -> SSLMetaArch:
@@ -108,20 +100,22 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def make_optimizer(model: SSLMetaArch, cfg: Config, device: torch.device):
     """AdamW over the parameter groups of every trained network (the student; several when distilling
-    into more than one), and the prototype-layer parameters (frozen early)."""
+    into more than one). The prototype layers' groups carry ``is_last_layer`` (lr 0 while frozen).
+    Layer-wise lr decay: ``optim.layerwise_decay``, or ``distill.layerwise_decay`` when distilling."""
+    decay = cfg.optim.layerwise_decay
+    if cfg.distill.enabled and cfg.distill.layerwise_decay is not None:
+        decay = cfg.distill.layerwise_decay
     groups = [
         group
         for network in model.trained_networks().values()
         for group in param_groups(
             network,
             depth=network.backbone.num_layers(),
-            layerwise_decay=cfg.optim.layerwise_decay,
+            layerwise_decay=decay,
             patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
         )
     ]
-    optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), cfg.optim.fused, device)
-    last_layer_params = [p for g in optimizer.param_groups if g["is_last_layer"] for p in g["params"]]
-    return optimizer, last_layer_params
+    return build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), cfg.optim.fused, device)
 
 
 @dataclass
@@ -130,12 +124,11 @@ class Training:
 
     model: SSLMetaArch
     optimizer: torch.optim.Optimizer
-    last_layer_params: list[torch.Tensor]
     cfg: Config
     device: torch.device
 
     def step(self, batch: dict[str, Any], values: ScheduleValues) -> dict[str, torch.Tensor]:
-        return train_step(self.model, self.optimizer, batch, values, self.cfg, self.last_layer_params, self.device)
+        return train_step(self.model, self.optimizer, batch, values, self.cfg, self.device)
 
 
 def build_training(cfg: Config, env: DistEnv, device: torch.device) -> Training:
@@ -156,8 +149,8 @@ def build_training(cfg: Config, env: DistEnv, device: torch.device) -> Training:
     if mesh is not None:
         check_no_full_copy(model)
     torch.manual_seed(cfg.train.seed * 1000 + env.rank)  # per-rank stream for stochastic depth
-    optimizer, last_layer_params = make_optimizer(model, cfg, device)
-    return Training(model, optimizer, last_layer_params, cfg, device)
+    optimizer = make_optimizer(model, cfg, device)
+    return Training(model, optimizer, cfg, device)
 
 
 def train_step(
@@ -166,28 +159,33 @@ def train_step(
     batch: dict[str, Any],
     values: ScheduleValues,
     cfg: Config,
-    last_layer_params: list[torch.Tensor],
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """One iteration: schedules → forward (autocast on GPU) → backward → last-layer freeze → global-norm
-    clipping (per trained network) → AdamW → EMA. Returns the detached loss terms (no host synchronisation)."""
-    apply_schedule(optimizer, values.lr, values.weight_decay)
+    """One iteration: schedules (the prototype layers at lr 0 while frozen, as the reference: their Adam
+    moments and the clip norms still see their gradients) → forward (autocast on GPU) → backward →
+    clipping of each trained network (per sub-module by default, ``optim.clip_grad_mode``) → AdamW → EMA.
+    Returns the detached loss terms and gradient norms (no host synchronisation): ``grad_norm`` (the
+    whole network's) and ``grad_norm/{backbone,dino_head,ibot_head}``, prefixed ``{name}/`` for the
+    extra students."""
+    last_layer_lr = 0.0 if values.freeze_last_layer else values.lr
+    apply_schedule(optimizer, values.lr, values.weight_decay, last_layer_lr)
     with autocast_context(cfg, device):
         step = model(batch, teacher_temp=values.teacher_temp)
     step.loss.backward()
-    if values.freeze_last_layer:
-        for p in last_layer_params:
-            p.grad = None
     for name, network in model.trained_networks().items():
-        key = "grad_norm" if name == "student" else f"{name}/grad_norm"
-        step.parts[key] = clip_grad_norm(network, cfg.optim.clip_grad)
+        prefix = "" if name == "student" else f"{name}/"
+        norms = clip_gradients(network, cfg.optim.clip_grad, cfg.optim.clip_grad_mode)
+        step.parts[f"{prefix}grad_norm"] = norms.pop("total")
+        step.parts.update({f"{prefix}grad_norm/{module}": norm for module, norm in norms.items()})
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.update_ema(values.momentum)
     return step.parts
 
 
-def build_loader(cfg: Config, env: DistEnv, device: torch.device, start_iteration: int, transform: Any = None):
+def build_loader(
+    cfg: Config, env: DistEnv, device: torch.device, start_iteration: int, transform: Any = None
+) -> TrainBatches:
     """The training batches of this rank: PIL/torchvision workers (``data.pipeline=cpu``) or batched
     augmentation of a decoded uint8 dataset on the device (``data.pipeline=gpu``). ``transform``: the
     meta-architecture's per-image transform (None: multi-crop)."""
@@ -201,7 +199,7 @@ def build_loader(cfg: Config, env: DistEnv, device: torch.device, start_iteratio
     if cfg.data.pipeline == "cpu":
         return build_train_loader(cfg.data, transform=transform, **common)
     if cfg.data.pipeline == "gpu":
-        from dinov2.data.gpu_augmentations import build_gpu_train_loader
+        from dinov2.data.gpu import build_gpu_train_loader
 
         return build_gpu_train_loader(cfg.data, device=device, **common)
     raise ConfigError(f"unknown data.pipeline '{cfg.data.pipeline}' (expected cpu or gpu)")
@@ -216,7 +214,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> TrainResult:
 
 def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
-    device = resolve_device(cfg.train.device, env)
+    device = resolve_device(cfg.train.device, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if env.is_main:
@@ -224,7 +222,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
 
     training = build_training(cfg, env, device)
-    model, optimizer, last_layer_params = training.model, training.optimizer, training.last_layer_params
+    model, optimizer = training.model, training.optimizer
     global_batch = cfg.data.batch_size_per_gpu * env.world_size
     total = total_iterations(cfg)
     schedules = Schedules.from_config(cfg, global_batch, total)
@@ -239,6 +237,10 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
             torch.manual_seed(cfg.train.seed * 1000 + env.rank + 7919 * start)
         if env.is_main:
             logger.info("resumed from %s at iteration %d", latest, start)
+    elif cfg.train.init_from:  # a new phase of another run (dinov2-train --init-from): its weights only
+        from dinov2.train.init_from import init_from_run
+
+        init_from_run(model, cfg)
 
     loader = build_loader(cfg, env, device, start, transform=model.train_transform())
     metrics = MetricsWriter(output_dir, enabled=env.is_main, tensorboard=cfg.train.tensorboard)
@@ -254,7 +256,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         for it in range(start, total):
             values = schedules.at(it)
             batch = _to_device(next(batches), device)
-            parts = train_step(model, optimizer, batch, values, cfg, last_layer_params, device)
+            parts = train_step(model, optimizer, batch, values, cfg, device)
             pending.append((it, parts, values.lr, values.teacher_temp))
 
             done = it + 1
