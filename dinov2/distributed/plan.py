@@ -167,8 +167,9 @@ def _ffn_width(network_shapes_: NetworkShapes) -> tuple[int, bool]:
     return 0, False
 
 
-def activation_bytes(cfg: Config, student: NetworkShapes, batch: int, mode: str) -> int:
-    """Estimated saved activations of one student's backbone for ``batch`` images per GPU."""
+def activation_bytes(cfg: Config, student: NetworkShapes, batch: int, mode: str, recompute: bool = True) -> int:
+    """Estimated saved activations of one student's backbone for ``batch`` images per GPU: what the
+    forward leaves for backward, plus (``recompute``) the one checkpointed block re-run in backward."""
     dim = student.shapes["backbone.cls_token"][-1]
     depth = len(student.blocks)
     hidden, swiglu = _ffn_width(student)
@@ -177,8 +178,8 @@ def activation_bytes(cfg: Config, student: NetworkShapes, batch: int, mode: str)
     tokens = tokens_per_image(cfg)[0] * batch
     checkpointed = {"none": 0, "selective": (depth + 1) // 2, "full": depth}[mode]
     kept = depth - checkpointed
-    recompute = per_token_block if checkpointed else 0
-    return tokens * (kept * per_token_block + checkpointed * 4 * dim + recompute)
+    rerun = per_token_block if checkpointed and recompute else 0
+    return tokens * (kept * per_token_block + checkpointed * 4 * dim + rerun)
 
 
 def head_activation_bytes(cfg: Config, batch: int) -> int:
