@@ -291,7 +291,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Decode, pretrain with periodic k-NN; the record that :func:`report` renders (and the JSON holds)."""
     from dinov2.config import load_config
-    from dinov2.models import ARCHS
 
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -328,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     result = pretrain(cfg, data, args, device)
     batch = cfg.data.batch_size_per_gpu
-    d = cfg.model.embed_dim or ARCHS[cfg.model.arch].embed_dim
+    d = cfg.model.resolved().embed_dim
     name = f"{cfg.model.arch} D={d} /{cfg.model.patch_size}" + (" (tiny)" if args.tiny else "")
     top1 = result["top1"]["top1_k20"]
     on_target = not args.tiny and device.type == "cuda" and budget_min <= 10

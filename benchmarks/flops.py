@@ -51,12 +51,9 @@ def backbone_forward_flops(model_cfg: Any, groups: Sequence[tuple[int, int]], tr
     branch runs on ``max(1, ⌊b·(1−p)⌋)`` of a group's ``b`` samples. Plus the patch embedding
     ``2·P·(3·p²)·D`` per sample of ``P`` patches. Norms, softmax and adds are not counted."""
     from dinov2.layers.mlp import swiglu_hidden_dim
-    from dinov2.models.vision_transformer import ARCHS
 
-    spec = ARCHS[model_cfg.arch]
-    d = model_cfg.embed_dim or spec.embed_dim
-    depth = model_cfg.depth or spec.depth
-    ffn = model_cfg.ffn_layer or spec.ffn_layer
+    model_cfg = model_cfg.resolved()
+    d, depth, ffn = model_cfg.embed_dim, model_cfg.depth, model_cfg.ffn_layer
     if ffn == "swiglu":
         ffn_per_token = 6 * d * swiglu_hidden_dim(d, model_cfg.mlp_ratio)
     else:
@@ -85,10 +82,8 @@ def ssl_step_flops(cfg: Any, batch_size: int, n_masked: int) -> int:
     where each forward is backbone + DINO head on the CLS rows + iBOT head on the ``n_masked`` patch rows.
     The patch embedding's backward computes no input gradient (``2×`` its forward, not ``3×``), and the
     KoLeo similarity (``2·B²·D`` per global view, forward only) is included."""
-    from dinov2.models.vision_transformer import ARCHS
-
     c = cfg.data.crops
-    d = cfg.model.embed_dim or ARCHS[cfg.model.arch].embed_dim
+    d = cfg.model.resolved().embed_dim
     global_group = (2 * batch_size, c.global_crops_size)
     local_group = (c.local_crops_number * batch_size, c.local_crops_size)
     student_groups = [global_group] + ([local_group] if c.local_crops_number else [])

@@ -7,6 +7,7 @@ it and the closest valid key. YAML is read through OmegaConf only (no arbitrary 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -40,8 +41,28 @@ class PosEmbedInterpolation(StrEnum):
     ours = "ours"
 
 
-#: ``model.arch`` (the widths, depths and heads: dinov2.models.vision_transformer.ARCHS)
+#: ``model.arch``
 Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"]
+FfnLayer = Literal["mlp", "swiglu"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The width, depth, heads and FFN kind an ``arch`` name stands for (timm / the reference's names)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    ffn_layer: FfnLayer = "mlp"
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "vit_tiny": ArchSpec(192, 12, 3),
+    "vit_small": ArchSpec(384, 12, 6),
+    "vit_base": ArchSpec(768, 12, 12),
+    "vit_large": ArchSpec(1024, 24, 16),
+    "vit_giant2": ArchSpec(1536, 40, 24, "swiglu"),
+}
 
 
 @dataclass
@@ -54,7 +75,7 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     mlp_ratio: float = 4.0
-    ffn_layer: str | None = None  # mlp | swiglu; None: the arch's default
+    ffn_layer: FfnLayer | None = None  # None: the arch's default
     num_register_tokens: int = 0
     layerscale_init: float | None = 1.0e-5  # None disables LayerScale
     qkv_bias: bool = True
@@ -67,6 +88,13 @@ class ModelConfig:
     # None: "ours" for a model we train; for weights loaded through dinov2.interop, what the file says
     # (our exports record it), else "reference" ("reference_reg" with registers), as released
     pos_embed_interpolation: PosEmbedInterpolation | None = None
+
+    def resolved(self) -> ModelConfig:
+        """A copy with the arch's defaults filled in (``embed_dim``, ``depth``, ``num_heads``, ``ffn_layer``):
+        what every reader of the architecture (the model, the FLOP formulas, the memory plan) starts from."""
+        spec = ARCHS[self.arch]
+        defaults = ("embed_dim", "depth", "num_heads", "ffn_layer")
+        return dataclasses.replace(self, **{k: getattr(spec, k) for k in defaults if getattr(self, k) is None})
 
 
 @dataclass

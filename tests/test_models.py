@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import types
@@ -162,3 +163,20 @@ def test_the_reference_import_idiom_binds_the_module():
 
     assert isinstance(vits, types.ModuleType)
     assert vits.vit_small is vit_small
+
+
+def test_model_config_resolves_the_arch_defaults_once_and_from_config_builds_it():
+    """``ModelConfig.resolved()`` fills what the arch name stands for and keeps what the config sets;
+    ``DinoVisionTransformer.from_config`` builds exactly that (the FLOP formulas read the same copy)."""
+    from dinov2.config import ModelConfig
+    from dinov2.models import DinoVisionTransformer
+
+    giant = ModelConfig(arch="vit_giant2").resolved()
+    assert (giant.embed_dim, giant.depth, giant.num_heads, giant.ffn_layer) == (1536, 40, 24, "swiglu")
+    custom = ModelConfig(arch="vit_giant2", embed_dim=48, depth=3, num_heads=3, ffn_layer="mlp", patch_size=4)
+    assert custom.resolved() == custom and ModelConfig().embed_dim is None  # a copy: the original keeps None
+    model = DinoVisionTransformer.from_config(
+        dataclasses.replace(custom, img_size=16, num_register_tokens=2, layerscale_init=None)
+    )
+    assert len(model.blocks) == 3 and model.pos_embed.shape == (1, 1 + 16, 48)
+    assert model.register_tokens.shape == (1, 2, 48) and model.blocks[0].attn.num_heads == 3

@@ -9,34 +9,18 @@ dict out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from dinov2.config import ARCHS, ModelConfig
 from dinov2.layers import AttentionDispatcher, Block, LayerScale, PatchEmbed
 from dinov2.layers.attention import prepare_attention
 from dinov2.layers.init import EAGER, Init
 from dinov2.models.pos_embed import interpolate_pos_embed
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    ffn_layer: str = "mlp"
-
-
-ARCHS: dict[str, ArchSpec] = {
-    "vit_tiny": ArchSpec(192, 12, 3),
-    "vit_small": ArchSpec(384, 12, 6),
-    "vit_base": ArchSpec(768, 12, 12),
-    "vit_large": ArchSpec(1024, 24, 16),
-    "vit_giant2": ArchSpec(1536, 40, 24, "swiglu"),
-}
 
 
 class DinoVisionTransformer(nn.Module):
@@ -210,6 +194,14 @@ class DinoVisionTransformer(nn.Module):
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> DinoVisionTransformer:
+        """The backbone a ``ModelConfig`` describes, its arch's defaults filled in (``ModelConfig.resolved``)."""
+        resolved = cfg.resolved()
+        kwargs = {f.name: getattr(resolved, f.name) for f in dataclasses.fields(resolved) if f.name != "arch"}
+        kwargs["pos_embed_interpolation"] = str(resolved.pos_embed_interpolation or "ours")
+        return cls(**kwargs)
+
 
 def create_vit(arch: str, **kwargs: Any) -> DinoVisionTransformer:
     """Build ``vit_tiny`` / ``vit_small`` / ``vit_base`` / ``vit_large`` / ``vit_giant2``; keyword
@@ -239,26 +231,6 @@ def vit_giant2(**kwargs: Any) -> DinoVisionTransformer:
     return create_vit("vit_giant2", **kwargs)
 
 
-def build_backbone(cfg: Any) -> DinoVisionTransformer:
-    """Backbone from a ``ModelConfig`` (see ``dinov2.config``)."""
-    return create_vit(
-        cfg.arch,
-        img_size=cfg.img_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        ffn_layer=cfg.ffn_layer,
-        qkv_bias=cfg.qkv_bias,
-        proj_bias=cfg.proj_bias,
-        ffn_bias=cfg.ffn_bias,
-        layerscale_init=cfg.layerscale_init,
-        drop_path_rate=cfg.drop_path_rate,
-        drop_path_uniform=cfg.drop_path_uniform,
-        drop_path_mode=cfg.drop_path_mode,
-        num_register_tokens=cfg.num_register_tokens,
-        attn_backend=cfg.attn_backend,
-        pos_embed_interpolation=str(cfg.pos_embed_interpolation or "ours"),
-    )
+def build_backbone(cfg: ModelConfig) -> DinoVisionTransformer:
+    """Backbone from a ``ModelConfig`` (see ``dinov2.config``): :meth:`DinoVisionTransformer.from_config`."""
+    return DinoVisionTransformer.from_config(cfg)
