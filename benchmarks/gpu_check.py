@@ -54,7 +54,8 @@ SECTIONS = ("pytest", "compiled_step", "fsdp_step", "attention", "throughput", "
 BUDGETS = {"pytest": 110, "compiled_step": 150, "fsdp_step": 90, "attention": 90, "throughput": 120, "cifar10_knn": 95}
 TOTAL_BUDGET_S = 475  # under 8 minutes, with room for start-up inside a 10-minute device call
 SITE = Path("/tmp/dinov2-site")
-AC_MODES = ("none", "full", "selective")  # priority order
+AC_MODES = ("none", "full", "selective")  # priority order; dinov2.config.ActivationCheckpointing (not imported:
+# this module runs before the carried omegaconf wheel is installed)
 ATTENTION_SEQS = ((64, 257), (256, 50))  # ViT-L/14 at batch 32: 2×32 globals of 257 tokens, 8×32 locals of 50
 ATTENTION_HEADS, ATTENTION_HEAD_DIM = 16, 64
 DRY_ATTENTION_SEQS = ((8, 17), (32, 5))

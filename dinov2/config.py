@@ -44,6 +44,24 @@ class PosEmbedInterpolation(StrEnum):
 #: ``model.arch``
 Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"]
 FfnLayer = Literal["mlp", "swiglu"]
+#: ``model.drop_path_mode``: efficient (the branch runs on a subset of samples) | classic (per-sample mask)
+DropPathMode = Literal["efficient", "classic"]
+#: ``model.attn_backend`` (``dinov2.layers.attention``)
+AttnBackend = Literal["auto", "sdpa", "math", "flex", "varlen", "xformers"]
+#: ``data.pipeline``: PIL/torchvision workers, or batched augmentation on the device
+Pipeline = Literal["cpu", "gpu"]
+#: ``loss.centering`` of the teacher's targets
+Centering = Literal["sinkhorn_knopp", "softmax"]
+#: ``optim.lr_scaling`` of ``base_lr`` with the total batch (relative to 1024)
+LrScaling = Literal["sqrt", "linear", "none"]
+#: ``distributed.activation_checkpointing``: none | every student block | every second block
+ActivationCheckpointing = Literal["none", "full", "selective"]
+#: FSDP2 mixed-precision dtypes (``distributed.param_dtype``, ``reduce_dtype``)
+FsdpDtype = Literal["bf16", "fp16", "fp32"]
+#: ``distributed.backend`` of the process group
+DistBackend = Literal["auto", "nccl", "gloo"]
+#: ``distill.teacher_format``: the teacher weights' layout
+TeacherFormat = Literal["auto", "ours", "timm", "hf"]
 
 
 @dataclass(frozen=True)
@@ -83,8 +101,8 @@ class ModelConfig:
     ffn_bias: bool = True
     drop_path_rate: float = 0.0
     drop_path_uniform: bool = True  # same rate in every block (DINOv2) vs linearly increasing
-    drop_path_mode: str = "efficient"  # efficient (subset of samples) | classic (per-sample mask)
-    attn_backend: str = "auto"  # auto | sdpa | math | flex | varlen | xformers
+    drop_path_mode: DropPathMode = "efficient"
+    attn_backend: AttnBackend = "auto"
     # None: "ours" for a model we train; for weights loaded through dinov2.interop, what the file says
     # (our exports record it), else "reference" ("reference_reg" with registers), as released
     pos_embed_interpolation: PosEmbedInterpolation | None = None
@@ -171,7 +189,7 @@ class DataConfig:
     batch_size_per_gpu: int = 64
     num_workers: int = 8
     pin_memory: bool = True
-    pipeline: str = "cpu"  # cpu | gpu
+    pipeline: Pipeline = "cpu"
     shuffle_window: int = 0  # shards: shuffle within windows of this many shards (0: one permutation of all)
 
 
@@ -181,7 +199,7 @@ class LossConfig:
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
-    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp | softmax
+    centering: Centering = "sinkhorn_knopp"
     center_momentum: float = 0.9
     sk_iterations: int = 3
     student_temp: float = 0.1
@@ -232,7 +250,7 @@ class OptimConfig:
     epochs: int = 100
     epoch_length: int = 1250  # iterations per "epoch" (schedules are defined in epochs)
     base_lr: float = 0.004  # for a total batch of 1024, scaled by lr_scaling
-    lr_scaling: str = "sqrt"  # sqrt | linear | none (relative to a total batch of 1024)
+    lr_scaling: LrScaling = "sqrt"  # relative to a total batch of 1024
     min_lr: float = 1.0e-6
     warmup_epochs: float = 10
     weight_decay: float = 0.04
@@ -266,11 +284,11 @@ class MeshConfig:
 @dataclass
 class DistributedConfig:
     fsdp: bool = False  # shard student and teacher with FSDP2 (always on when world size > 1)
-    param_dtype: str = "bf16"  # FSDP mixed precision: bf16 | fp32 (fp32 on CPU for exactness)
-    reduce_dtype: str = "fp32"
-    activation_checkpointing: str = "none"  # none | full | selective
+    param_dtype: FsdpDtype = "bf16"  # fp32 on CPU for exactness
+    reduce_dtype: FsdpDtype = "fp32"
+    activation_checkpointing: ActivationCheckpointing = "none"
     compile: bool = False  # torch.compile each block
-    backend: str = "auto"  # auto | nccl | gloo
+    backend: DistBackend = "auto"
     mesh: MeshConfig = field(default_factory=MeshConfig)
     # FSDP2 reshard_after_forward per network (docs/launch.md): the student re-gathers its blocks in
     # backward (ZeRO-3), the teacher (no backward) frees each block as soon as its forward is done
@@ -293,7 +311,7 @@ class StudentConfig:
 class DistillConfig:
     enabled: bool = False
     teacher_checkpoint: str = ""  # our export, timm or HF layout (see docs/distillation.md)
-    teacher_format: str = "auto"  # auto | ours | timm | hf
+    teacher_format: TeacherFormat = "auto"
     teacher_model: ModelConfig = field(default_factory=ModelConfig)
     # The distillation recipe: dinov3's (configs/train/dinov3_vitl16_lvd1689m_distilled.yaml, its `schedules`;
     # train/ssl_meta_arch.py). Each of these replaces, in a distillation run, its optim/loss counterpart.

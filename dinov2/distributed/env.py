@@ -20,13 +20,16 @@ import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import get_args
 
 import torch
 import torch.distributed as dist
 
+from dinov2.config import DistBackend
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "nccl", "gloo")
+BACKENDS = get_args(DistBackend)
 
 
 @dataclass(frozen=True)

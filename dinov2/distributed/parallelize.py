@@ -31,18 +31,19 @@ of the global-batch mean. :func:`clip_grad_norm` clips by the norm over all shar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from dinov2.config import DistributedConfig
+from dinov2.config import ActivationCheckpointing, DistributedConfig
 from dinov2.distributed.env import DistEnv
 from dinov2.distributed.mesh import build_mesh
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-AC_MODES = ("none", "full", "selective")
+AC_MODES = get_args(ActivationCheckpointing)
 RECOMPILES_PER_KIND = 8  # dynamo's default recompile_limit for one function, given to each kind of block
 
 

@@ -34,11 +34,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dinov2.config import AttnBackend
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ Seqs = Sequence[tuple[int, int]]  # (batch, tokens) per crop group
 Layout = tuple[tuple[int, int], ...]  # hashable form of Seqs, the key of per-forward metadata
 AttentionMeta = Mapping[Layout, Any]  # layout -> what the backend prepared for it
 
-BACKENDS = ("auto", "sdpa", "math", "flex", "varlen", "xformers")
+BACKENDS = get_args(AttnBackend)
 FLEX_BLOCK = 128  # FlexAttention's sparse block size (its default)
 
 
