@@ -14,15 +14,16 @@ Rows of ``teacher_logits`` at index ``>= n_valid`` are padding (iBOT pads the ma
 a fixed size): they are left out of every sum and come back as all-zero target rows.
 """
 
-from typing import Literal
+
+from typing import get_args
 
 import torch
 from torch import nn
 
+from dinov2.config import Centering as CenteringMode
 from dinov2.distributed.comm import all_reduce_max_, all_reduce_sum_
 
-CenteringMode = Literal["sinkhorn_knopp", "softmax"]
-_MODES = ("sinkhorn_knopp", "softmax")
+_MODES = get_args(CenteringMode)
 # Smallest positive normal float32: used to make 0 / 0 come out as 0 for empty (padding) rows.
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -156,14 +157,15 @@ class Centering(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor, n_valid: int | torch.Tensor | None = None) -> None:
-        """Fold the batch mean of ``teacher_logits`` into the EMA centre (softmax mode only).
+        """Fold the batch mean of ``teacher_logits`` into the EMA centre; a no-op under Sinkhorn-Knopp,
+        which keeps no state (so a caller need not ask which mode it has).
 
         The mean is over all real rows of all ranks (sums and counts are all-reduced), so the
         centre stays identical everywhere. Rows ``>= n_valid`` are ignored. If there is no real
         row anywhere, the centre is left unchanged.
         """
         if self.mode != "softmax":
-            raise RuntimeError("Centering.update() is only meaningful in 'softmax' mode")
+            return
         rows = self._as_rows(teacher_logits).float()
         mask = _row_mask(rows.shape[0], n_valid, rows.device)
         if mask is not None:

@@ -103,9 +103,8 @@ class SSLMetaArch(nn.Module):
         dino_logits = dino_logits.reshape(2, -1, dino_logits.shape[-1])
         dino_targets = self.dino_center(dino_logits, teacher_temp)
         ibot_targets = self.ibot_center(ibot_logits, teacher_temp)
-        if self.loss_cfg.centering == "softmax":
-            self.dino_center.update(dino_logits)
-            self.ibot_center.update(ibot_logits)
+        self.dino_center.update(dino_logits)  # the softmax centre's EMA; nothing under Sinkhorn-Knopp
+        self.ibot_center.update(ibot_logits)
         for module in self.teacher.modules():  # FSDP2 roots stay unsharded after a no-grad forward
             if isinstance(module, FSDPModule):
                 module.reshard()
