@@ -75,6 +75,17 @@ def m(name: str, path: str, old: str, new: str, tests: list[str], what: str, aft
 IBOT_CALL_13 = 'parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_global)'
 
 
+# issue 18: the centre's update is unconditional (a no-op under Sinkhorn-Knopp)
+TARGETS_18 = (
+    "        dino_targets = self.dino_center(dino_logits, teacher_temp)\n"
+    "        ibot_targets = self.ibot_center(ibot_logits, teacher_temp)\n"
+)
+UPDATES_18 = (
+    "        self.dino_center.update(dino_logits)  # the softmax centre's EMA; nothing under Sinkhorn-Knopp\n"
+    "        self.ibot_center.update(ibot_logits)\n"
+)
+
+
 def ibot_13(normaliser: str) -> tuple[tuple[str, str]]:
     return ((IBOT_CALL_13, IBOT_CALL_13.replace("n_global)", f"{normaliser})")),)
 
@@ -135,7 +146,8 @@ CATALOGUE: list[Mutant] = [
       "            self.ibot_center.update(ibot_logits)\n"
       "        dino_targets = self.dino_center(dino_logits, teacher_temp)\n"
       "        ibot_targets = self.ibot_center(ibot_logits, teacher_temp)\n",
-      WIRING, "softmax centre updated with this batch before its targets"),
+      WIRING, "softmax centre updated with this batch before its targets",
+      after=((TARGETS_18 + UPDATES_18, UPDATES_18 + TARGETS_18),)),
     m("ibot-uses-dino-centre", META,
       "ibot_targets = self.ibot_center(ibot_logits, teacher_temp)",
       "ibot_targets = self.dino_center(ibot_logits, teacher_temp)",
@@ -177,10 +189,12 @@ CATALOGUE: list[Mutant] = [
     # ------------------------------------------------------------------ checkpoint.py
     m("rng-not-restored", CKPT,
       'elif meta["world_size"] == _world() and rng_file.is_file():', "elif False:",
-      RESUME, "RNG state not restored on resume (stochastic depth diverges)"),
+      RESUME, "RNG state not restored on resume (stochastic depth diverges)",
+      after=(('elif meta["world_size"] == world_size() and rng_file.is_file():', "elif False:"),)),
     m("optimizer-not-restored", TRAINER,
       "resumed = checkpoints.load(latest, model, optimizer)", "resumed = checkpoints.load(latest, model, None)",
-      RESUME, "AdamW moments and step count not restored on resume"),
+      RESUME, "AdamW moments and step count not restored on resume",
+      after=(("resumed = checkpoints.resume(model, optimizer)", "resumed = checkpoints.resume(model, None)"),)),
     m("checkpoint-position-per-rank", TRAINER,
       'sample_position=loader.state_dict()["position"]',
       "sample_position=done * cfg.data.batch_size_per_gpu",
