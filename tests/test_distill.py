@@ -326,14 +326,14 @@ def test_extra_student_leaves_the_main_student_exactly_as_alone(tmp_path):
     assert main_two.keys() == main_one.keys()
     for key in main_one:
         assert torch.equal(main_two[key], main_one[key]), key
-    assert two.knn == one.knn and set(two.extra_knn) == {"narrow"} and 5 in two.extra_knn["narrow"]
-    narrow = load_file(two.extra_exports["narrow"])
-    assert two.extra_exports["narrow"].name == "narrow_backbone.safetensors"
+    assert two.knn == one.knn and set(two.knns) == {"student", "narrow"} and 5 in two.knns["narrow"]
+    narrow = load_file(two.exports["narrow"])
+    assert two.exports["narrow"].name == "narrow_backbone.safetensors"
     assert narrow["cls_token"].shape[-1] == 8
     # evaluation and curation rebuild each export from its own config file; the run dir means the main student
     from dinov2.eval.backbone_io import find_weights, load_backbone
 
-    backbone, narrow_cfg = load_backbone(two.extra_exports["narrow"])
+    backbone, narrow_cfg = load_backbone(two.exports["narrow"])
     assert backbone.embed_dim == 8 and narrow_cfg.model.depth == 1 and not narrow_cfg.distill.extra_students
     assert torch.equal(backbone.cls_token, narrow["cls_token"])
     assert find_weights(tmp_path / "two") == two.exported

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from dinov2.config import Config, ConfigError
-from dinov2.models import DinoVisionTransformer, build_backbone
+from dinov2.models import build_backbone
+from dinov2.train.export import Export
 from dinov2.train.meta_arch import Network, SSLMetaArch, build_heads, ema_update
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class DistillMetaArch(SSLMetaArch):
         # None]``: the student sees the global crops whole, the iBOT loss still compares the drawn patches
         self.student_masks = cfg.distill.student_masks
         self.extra_students = nn.ModuleDict()
+        self.extra_configs = {extra.name: extra_student_config(cfg, extra.name) for extra in cfg.distill.extra_students}
         for extra in cfg.distill.extra_students:
             _check_student_name(extra.name, self.extra_students)
             backbone = build_backbone(extra.model)
@@ -90,12 +92,20 @@ class DistillMetaArch(SSLMetaArch):
     def trained_networks(self) -> dict[str, Network]:
         return {"student": self.student, **self.extra_students}
 
-    def exports(self) -> dict[str, tuple[str, DinoVisionTransformer]]:
-        """The students' EMAs: ``student_backbone.safetensors`` and ``{name}_backbone.safetensors``."""
-        out = {"student": ("student_backbone.safetensors", self.student_ema.backbone)}
-        for name, ema in self.extra_emas.items():
-            out[name] = (f"{name}_backbone.safetensors", ema.backbone)
-        return out
+    def exports(self) -> list[Export]:
+        """The students' EMAs: ``student_backbone.safetensors``, and ``{name}_backbone.safetensors`` with the
+        ``{name}_config.yaml`` that ``dinov2-eval`` / ``dinov2-curate`` rebuild an extra student from."""
+        extras = [Export(name, ema.backbone, self.extra_configs[name]) for name, ema in self.extra_emas.items()]
+        return [Export("student", self.student_ema.backbone), *extras]
+
+
+def extra_student_config(cfg: Config, name: str) -> Config:
+    """The run's config with ``model`` set to extra student ``name``'s and no extra students: what
+    ``{name}_config.yaml`` holds beside its exported backbone."""
+    config = copy.deepcopy(cfg)
+    config.model = copy.deepcopy({s.name: s.model for s in cfg.distill.extra_students}[name])
+    config.distill.extra_students = []
+    return config
 
 
 def _frozen_copy(network: Network) -> Network:

@@ -79,7 +79,7 @@ class TrainJob:
             "reason": stop.reason if result.interrupted else "",
             "last_losses": result.last_losses,
             "knn": result.knn,
-            "extra_knn": result.extra_knn,
+            "knns": result.knns,
         }
         if result.interrupted and stop.signum == int(requeue) and callable(submitit_handler):
             # rank 0: submitit calls self.checkpoint(), dumps it, runs `scontrol requeue` and exits;

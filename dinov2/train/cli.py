@@ -108,12 +108,9 @@ def main(
         print(f"finished {result.iterations} iterations, final loss {result.last_losses.get('loss', float('nan')):.4f}")
     if result.num_skipped:
         print(f"skipped {result.num_skipped} undecodable images")
-    main_name = "student" if cfg.distill.enabled else "teacher"
-    exported = ({main_name: result.exported} if result.exported else {}) | result.extra_exports
-    for name, path in exported.items():
+    for name, path in result.exports.items():
         print(f"{name} backbone exported to {path}")
-    knns = ({main_name: result.knn} if result.knn else {}) | result.extra_knn
-    for name, knn in knns.items():
+    for name, knn in result.knns.items():
         table = "  ".join(f"k={k}: {acc:.2f}%" for k, acc in sorted(knn.items()))
         print(f"k-NN top-1 ({name}): {table}; {result.knn_description}")
     return 0

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from dinov2.config import Config, ConfigError
 from dinov2.losses.copy_detection import CopyDetectionLoss
 from dinov2.models import DinoVisionTransformer, build_backbone
+from dinov2.train.export import Export
 from dinov2.train.meta_arch import StepOutput
 
 if TYPE_CHECKING:
@@ -72,8 +73,8 @@ class CopyDetectionMetaArch(nn.Module):
     def trained_networks(self) -> dict[str, nn.Module]:
         return {"student": self.student}
 
-    def exports(self) -> dict[str, tuple[str, DinoVisionTransformer]]:
-        return {"student": ("student_backbone.safetensors", self.student.backbone)}
+    def exports(self) -> list[Export]:
+        return [Export("student", self.student.backbone)]
 
     def exported_backbone(self) -> DinoVisionTransformer:
         return self.student.backbone

@@ -5,13 +5,30 @@ Read them back with :func:`dinov2.eval.backbone_io.load_backbone` (weights + the
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dinov2.distributed.env import DistEnv
+
+
+@dataclass(frozen=True)
+class Export:
+    """A backbone a finished run writes (``{name}_backbone.safetensors``) and evaluates. ``config``: the
+    configuration to write beside it as ``{name}_config.yaml``, for a model the run's ``config.yaml`` does
+    not describe (None: it does)."""
+
+    name: str
+    backbone: nn.Module
+    config: Any = None
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}_backbone.safetensors"
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from dinov2.config import Config, HeadConfig, LossConfig
 from dinov2.layers import DINOHead
 from dinov2.losses import Centering, DINOLoss, IBOTPatchLoss, KoLeoLoss
 from dinov2.models import DinoVisionTransformer, build_backbone
+from dinov2.train.export import Export
 
 
 def build_heads(embed_dim: int, dino: HeadConfig, ibot: HeadConfig, separate_ibot: bool) -> nn.ModuleDict:
@@ -189,14 +190,14 @@ class SSLMetaArch(nn.Module):
         (the first, ``student``, without a prefix)."""
         return {"student": self.student}
 
-    def exports(self) -> dict[str, tuple[str, DinoVisionTransformer]]:
-        """``{name: (file name, backbone)}`` that a finished run exports and evaluates; the first is the
-        run's main result. Self-distillation: the EMA teacher."""
-        return {"teacher": ("teacher_backbone.safetensors", self.teacher.backbone)}
+    def exports(self) -> list[Export]:
+        """What a finished run writes and evaluates, its main result first. Self-distillation: the EMA
+        teacher."""
+        return [Export("teacher", self.teacher.backbone)]
 
     def exported_backbone(self) -> DinoVisionTransformer:
         """The run's main result: the backbone of the first of :meth:`exports`."""
-        return next(iter(self.exports().values()))[1]
+        return self.exports()[0].backbone
 
     def train_transform(self) -> None:
         """The per-image training transform: None, the loader's multi-crop augmentation."""

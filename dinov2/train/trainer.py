@@ -8,7 +8,6 @@ while frozen) → EMA teacher update.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -50,13 +49,22 @@ class TrainResult:
     output_dir: Path
     iterations: int
     last_losses: dict[str, float] = field(default_factory=dict)
-    exported: Path | None = None
-    knn: dict[int, float] | None = None
+    exports: dict[str, Path] = field(default_factory=dict)  # by export name, the main result first
+    knns: dict[str, dict[int, float]] = field(default_factory=dict)  # {name: {k: top-1 %}}
     knn_description: str = ""  # what the k-NN queries were (a held-out split, a second folder, a named fraction)
     num_skipped: int = 0
     interrupted: bool = False  # stopped early on a StopRequest (a checkpoint was saved at `iterations`)
-    extra_exports: dict[str, Path] = field(default_factory=dict)  # distill.extra_students, by name
-    extra_knn: dict[str, dict[int, float]] = field(default_factory=dict)
+    main: str = ""  # the name of the run's main result (the model's first export)
+
+    @property
+    def exported(self) -> Path | None:
+        """The main result's exported weights."""
+        return self.exports.get(self.main)
+
+    @property
+    def knn(self) -> dict[int, float] | None:
+        """The main result's final k-NN."""
+        return self.knns.get(self.main)
 
 
 def total_iterations(cfg: Config) -> int:
@@ -305,19 +313,16 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         if env.is_main:
             logger.warning("final k-NN skipped: %s", sets.skip_reason)
         sets = None
-    for index, (name, (filename, backbone)) in enumerate(model.exports().items()):
-        path = export_backbone(backbone, output_dir / filename, env) if cfg.train.export_teacher else None
-        knn = knn_on_sets(backbone, sets, cfg, device) if sets is not None else None
-        if index == 0:  # the run's main result: the EMA teacher, or the (first) distilled student
-            result.exported, result.knn = path, knn
-            result.knn_description = sets.description if sets is not None else ""
-            continue
-        if path is not None:
-            result.extra_exports[name] = path
-            if env.is_main:  # what dinov2-eval / dinov2-curate rebuild this backbone from
-                (output_dir / f"{name}_config.yaml").write_text(to_yaml(extra_student_config(cfg, name)))
-        if knn is not None:
-            result.extra_knn[name] = knn
+    exports = model.exports()
+    result.main = exports[0].name  # the EMA teacher, or the (first) distilled student
+    result.knn_description = sets.description if sets is not None else ""
+    for export in exports:
+        if cfg.train.export_teacher:
+            result.exports[export.name] = export_backbone(export.backbone, output_dir / export.filename, env)
+            if export.config is not None and env.is_main:  # what dinov2-eval / dinov2-curate rebuild it from
+                (output_dir / f"{export.name}_config.yaml").write_text(to_yaml(export.config))
+        if sets is not None:
+            result.knns[export.name] = knn_on_sets(export.backbone, sets, cfg, device)
     return result
 
 
@@ -328,14 +333,6 @@ def _resume_hint(cfg: Config, checkpoint: Path | None) -> str:
     if checkpoint is None:
         return f"no checkpoint was written yet; start again with a lower learning rate: {command}"
     return f"the newest finite checkpoint is {checkpoint}; resume from it with a lower learning rate: {command}"
-
-
-def extra_student_config(cfg: Config, name: str) -> Config:
-    """The run's config with ``model`` set to extra student ``name``'s and no extra students."""
-    config = copy.deepcopy(cfg)
-    config.model = copy.deepcopy({s.name: s.model for s in cfg.distill.extra_students}[name])
-    config.distill.extra_students = []
-    return config
 
 
 def _flush(
