@@ -25,6 +25,7 @@ def bench(monkeypatch):
     return benchmarks
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_throughput_tiny_cpu_prints_the_table(tmp_path, bench):
     """Run as a user runs it (a file, in its own process) and read its table back."""
     md = tmp_path / "BENCH.md"
@@ -72,6 +73,7 @@ def test_throughput_fsdp_trains_what_the_trainer_builds_and_loader_feeds_it(benc
         throughput.check_optimizer_holds(model, optimizer)
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench, shared_data):
     from benchmarks import cifar10_knn
 

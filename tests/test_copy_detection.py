@@ -172,6 +172,7 @@ def test_settings_the_objective_cannot_honour_are_config_errors(override, messag
         build_meta_arch(cfg, torch.device("cpu"))
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_two_gloo_ranks_each_solve_their_own_infonce_and_log_the_mean(tmp_path):
     """torchrun, 2 ranks, FSDP2 over gloo: the first logged loss is the mean of the two ranks' losses, each
     computed in one process on that rank's batch (its negatives are its own images); the export loads."""

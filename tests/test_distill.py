@@ -196,6 +196,7 @@ def test_distillation_resumes_exactly(tmp_path):
         assert torch.equal(value, states[1][key]), key
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_two_process_fsdp_distillation(tmp_path):
     import os
     import subprocess

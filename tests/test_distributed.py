@@ -238,6 +238,7 @@ def _ckpt(run: Path) -> Path:
     return run / "checkpoints" / f"ckpt_{K:08d}"
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_two_ranks_equal_one_process_with_double_batch(runs):
     cfg = runs["cfg"]
     two = _load(cfg, _ckpt(runs["two"]))["model"]
@@ -253,6 +254,7 @@ def test_two_ranks_equal_one_process_with_double_batch(runs):
     assert moved > 100 * EQUIV_ATOL
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_logged_losses_are_the_mean_over_ranks(runs):
     """metrics.jsonl of the 2-rank run holds the losses averaged over both ranks: with equal shards
     that is the loss of the whole batch, i.e. what the 1-process run logs (rank 0's alone is not)."""
@@ -264,6 +266,7 @@ def test_logged_losses_are_the_mean_over_ranks(runs):
         assert abs(a["dino"] - b["dino"]) <= 1e-5 and abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_dcp_saved_by_two_ranks_loads_at_world_size_one(runs):
     from safetensors.torch import load_file
 
@@ -277,6 +280,7 @@ def test_dcp_saved_by_two_ranks_loads_at_world_size_one(runs):
     _assert_same_state(plain, sharded)
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_dcp_saved_by_two_ranks_resumes_at_world_size_three(runs):
     cfg = runs["cfg"]
     resume_dir = runs["root"] / "resumed_at_3"

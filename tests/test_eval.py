@@ -244,6 +244,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_distributed_knn_and_extraction_equal_single_process(tmp_path):
     import torch.multiprocessing as mp
 

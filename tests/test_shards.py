@@ -245,6 +245,7 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_exact_resume_over_shards_after_kill_at_a_random_step(tmp_path):
     """kill -9 once checkpoint k exists (k drawn at random, or DINOV2_KILL_AT), at whatever step the run
     is in by then; the re-run resumes and exports a teacher bit-identical to an uninterrupted run's."""
@@ -286,6 +287,7 @@ def test_exact_resume_over_shards_after_kill_at_a_random_step(tmp_path):
 
 
 # ------------------------------------------------------------------ 2-process FSDP: once per epoch
+@pytest.mark.slow  # several processes or a whole benchmark: the full suite, not the < 3 min fast loop
 def test_two_fsdp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
     shards, per_shard, window = 4, 4, 2
     write_shards(tmp_path / "shards", shards, per_shard, size=16)
