@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dinov2.config import Config, ConfigError
+from dinov2.config import Config, ConfigError, load_config
 from dinov2.models import build_backbone
 from dinov2.train.export import Export
 from dinov2.train.meta_arch import Network, SSLMetaArch, build_heads, ema_update
@@ -99,6 +99,20 @@ class DistillMetaArch(SSLMetaArch):
         return [Export("student", self.student_ema.backbone), *extras]
 
 
+def teacher_run_config(cfg: Config, run_ckpt: Path) -> Config:
+    """The configuration a teacher run trained with (its ``config.yaml``; ``distill.teacher_model`` when it
+    has none), checked against the student's heads: they must have the teacher's number of prototypes."""
+    teacher_cfg = _teacher_config(cfg)
+    run_config = run_ckpt.parent.parent / "config.yaml"
+    if run_config.is_file():
+        teacher_cfg = load_config(run_config)
+    if teacher_cfg.dino_head.out_dim != cfg.dino_head.out_dim:
+        raise ValueError(
+            f"the teacher run has {teacher_cfg.dino_head.out_dim} prototypes but dino_head.out_dim is "
+            f"{cfg.dino_head.out_dim}: the student's heads must have the teacher's number of prototypes"
+        )
+    return teacher_cfg
+
 def extra_student_config(cfg: Config, name: str) -> Config:
     """The run's config with ``model`` set to extra student ``name``'s and no extra students: what
     ``{name}_config.yaml`` holds beside its exported backbone."""
@@ -156,18 +170,10 @@ def load_teacher(cfg: Config) -> Network:
     teacher_cfg = _teacher_config(cfg)
     run_ckpt = _find_run_checkpoint(source) if source.is_dir() else None
     if run_ckpt is not None:
-        from dinov2.config import load_config
         from dinov2.train.checkpoint import CheckpointManager
 
         # rebuild the teacher's own training meta-arch (from the run's config.yaml) and restore it
-        run_config = run_ckpt.parent.parent / "config.yaml"
-        if run_config.is_file():
-            teacher_cfg = load_config(run_config)
-        if teacher_cfg.dino_head.out_dim != cfg.dino_head.out_dim:
-            raise ValueError(
-                f"the teacher run has {teacher_cfg.dino_head.out_dim} prototypes but dino_head.out_dim is "
-                f"{cfg.dino_head.out_dim}: the student's heads must have the teacher's number of prototypes"
-            )
+        teacher_cfg = teacher_run_config(cfg, run_ckpt)
         donor = SSLMetaArch(teacher_cfg)
         CheckpointManager(run_ckpt.parent).load(run_ckpt, donor, None, restore_rng=False)
         logger.info("distillation teacher: backbone and heads from %s", run_ckpt)

@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
-from dinov2.config import Config, load_config
+from dinov2.config import Config
 from dinov2.distributed.meta_init import on_meta
 from dinov2.distributed.parallelize import mixed_precision_policy, network_sharding, shard_network
 
@@ -34,7 +34,7 @@ TEACHER_PREFIX = "teacher."
 def load_teacher_sharded(cfg: Config, mesh: DeviceMesh, device: torch.device):
     """The frozen teacher, sharded over ``mesh`` and loaded shard by shard, when
     ``distill.teacher_checkpoint`` is a run of ours; None otherwise (the caller loads it whole)."""
-    from dinov2.distill.meta_arch import _find_run_checkpoint, _teacher_config
+    from dinov2.distill.meta_arch import _find_run_checkpoint, teacher_run_config
     from dinov2.models import build_backbone
     from dinov2.train.meta_arch import Network, build_heads
 
@@ -44,15 +44,7 @@ def load_teacher_sharded(cfg: Config, mesh: DeviceMesh, device: torch.device):
     run_ckpt = _find_run_checkpoint(source)
     if run_ckpt is None:
         return None
-    teacher_cfg = _teacher_config(cfg)
-    run_config = run_ckpt.parent.parent / "config.yaml"
-    if run_config.is_file():
-        teacher_cfg = load_config(run_config)
-    if teacher_cfg.dino_head.out_dim != cfg.dino_head.out_dim:
-        raise ValueError(
-            f"the teacher run has {teacher_cfg.dino_head.out_dim} prototypes but dino_head.out_dim is "
-            f"{cfg.dino_head.out_dim}: the student's heads must have the teacher's number of prototypes"
-        )
+    teacher_cfg = teacher_run_config(cfg, run_ckpt)
 
     def build() -> Network:
         backbone = build_backbone(teacher_cfg.model)
