@@ -459,6 +459,18 @@ def test_collate_is_view_major_with_consistent_masks():
     assert batch["labels"].tolist() == [0, 1, 2, 3] and batch["num_skipped"] == 0
 
 
+
+def test_collate_counts_every_skip_event_of_the_batch():
+    """A batch's ``num_skipped`` counts skip events, repeats included (one bad file that two samples of the
+    batch each had to skip is two events); the loader and the run count files (issue 15)."""
+    cfg = tiny_data_cfg()
+    dataset = AugmentedDataset(DemoDataset("train", 8), MultiCropAugmentation(cfg.crops), seed=0)
+    samples = [dict(dataset[i]) for i in range(4)]
+    samples[0]["skipped"] = ("bad.jpg",)
+    samples[2]["skipped"] = ("bad.jpg", "worse.png")
+    batch = collate_multicrop(samples, MaskConfig(), patch_size=4, generator=np.random.default_rng(0))
+    assert batch["num_skipped"] == 3 and batch["skipped_paths"] == ["bad.jpg", "bad.jpg", "worse.png"]
+
 # ------------------------------------------------------------------------------------------ loader
 def batches_equal(a: dict, b: dict) -> bool:
     tensors = ("global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "labels", "positions")

@@ -44,6 +44,7 @@ MASKS = [
 ]
 EMA = ["tests/test_train.py::test_teacher_starts_equal_gets_no_grad_and_follows_ema"]
 SKIPS = [
+    "tests/test_data.py::test_collate_counts_every_skip_event_of_the_batch",
     "tests/test_data.py::test_loader_over_bad_files_keeps_batch_size_and_reports_skips",
     "tests/test_train.py::test_folder_with_corrupt_files_trains_and_reports",
 ]
@@ -214,6 +215,9 @@ CATALOGUE: list[Mutant] = [
     m("repeated-skips-not-counted", "dinov2/data/collate.py",
       '"num_skipped": len(skipped_paths),', '"num_skipped": len(set(skipped_paths)),',
       SKIPS, "repeated decode failures of one batch counted once"),
+    m("loader-counts-skip-events", "dinov2/data/loader.py",
+      "self.num_skipped = len(self.skipped_paths)", 'self.num_skipped += batch["num_skipped"]',
+      SKIPS, "the run counts skip events, not bad files (a file drawn 5 times counts 5)"),
     m("sample-major-crops", "dinov2/data/collate.py",
       "torch.stack([views[v] for v in range(num_views) for views in views_per_sample])",
       "torch.stack([view for views in views_per_sample for view in views])",
