@@ -77,14 +77,6 @@ def main(
         cfg = load_config(args.config, list(args.overrides) + list(forced))
         if args.init_from:
             cfg.train.init_from = args.init_from
-        if not args.plan:  # the plan writes nothing and needs no data: no run-directory checks
-            from dinov2.train.run_dir import preflight
-
-            preflight(cfg)
-            if cfg.train.init_from:
-                from dinov2.train.init_from import check_init_from
-
-                check_init_from(cfg.train.init_from, cfg)  # before anything is written
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

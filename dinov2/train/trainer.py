@@ -226,6 +226,10 @@ def train(cfg: Config, stop: StopRequest | None = None) -> TrainResult:
 def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
     preflight(cfg)  # nothing is written before the configuration and the run dir are checked
+    if cfg.train.init_from:
+        from dinov2.train.init_from import check_init_from  # init_from builds models through this module
+
+        check_init_from(cfg.train.init_from, cfg)
     device = resolve_device(cfg.train.device, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
