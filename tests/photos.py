@@ -65,6 +65,14 @@ def save_photo(rgb: Image.Image, mode: str, path: Path) -> Path:
     return path
 
 
+def write_flat_folder(shared_data: Path, folder: Path, count: int, prefix: str = "") -> Path:
+    """``folder/{prefix}{i}.jpg``: ``count`` CIFAR-10 test photos, no sub-folders (so no labels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, _) in enumerate(cifar_images(shared_data, "test", range(count))):
+        image.save(folder / f"{prefix}{i}.jpg")
+    return folder
+
+
 def write_photo_folder(
     shared_data: Path, root: Path, per_class: int, classes=(0, 1, 2), split="train", start=0
 ) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from photos import MODES, cifar_images, save_photo, write_photo_folder
+from photos import MODES, cifar_images, save_photo, write_flat_folder, write_photo_folder
 from PIL import Image
 from tiny_config import TINY
 
@@ -160,10 +160,7 @@ def test_final_knn_on_a_folder_without_split_is_labelled_held_out(photos, tmp_pa
 @pytest.mark.slow
 def test_unlabelled_folder_skips_final_knn_with_one_line(shared_data, tmp_path):
     """Old: ``ValueError: k-NN needs labelled train data``, exit 1, after the export."""
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for i, (image, _) in enumerate(cifar_images(shared_data, "test", range(12))):
-        image.save(flat / f"{i}.jpg")
+    flat = write_flat_folder(shared_data, tmp_path / "flat", 12)
     proc = _cli("dinov2.train.cli", "--config", "train/demo", *TINY, "data.dataset.kind=folder",
                 f"data.dataset.path={flat}", f"train.output_dir={tmp_path / 'run'}", "train.max_iterations=2",
                 "eval.final_knn=true")  # fmt: skip
@@ -363,10 +360,7 @@ def test_local_crop_size_is_only_checked_with_local_crops():
 @pytest.mark.slow
 def test_corrupt_image_counter_counts_files_not_skip_events(shared_data, tmp_path):
     """Old: every draw of a bad file counted (201 for 9 bad files)."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i, (image, _) in enumerate(cifar_images(shared_data, "test", range(13))):
-        image.save(folder / f"good_{i}.jpg")
+    folder = write_flat_folder(shared_data, tmp_path / "images", 13, prefix="good_")
     (folder / "truncated.jpg").write_bytes((folder / "good_0.jpg").read_bytes()[:200])
     (folder / "garbage.jpg").write_bytes(b"not an image" * 20)
     (folder / "empty.png").write_bytes(b"")
