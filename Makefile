@@ -33,7 +33,7 @@ slurm-deps:
 	-@bash tools/install_slurm.sh --if-root
 
 demo: install
-	$(PY) -m dinov2.train.cli --config configs/train/demo.yaml
+	$(PY) -m dinov2.launch.train_cli --config configs/train/demo.yaml
 
 bench: install
 	$(PY) benchmarks/throughput.py

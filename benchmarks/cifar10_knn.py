@@ -3,7 +3,7 @@
 The 50k train images are decoded once into device memory (``uint8``); every batch is cut, coloured and
 masked on the device by :class:`~dinov2.data.gpu.loader.GPUTrainLoader` (``data.pipeline=gpu``)
 with the crop parameters of ``configs/train/cifar10.yaml``. The model, losses, optimizer, schedules and
-step are the trainer's (``dinov2.train.trainer.build_training``: ``SSLMetaArch``, ``parallelize``,
+step are the trainer's (``dinov2.launch.run.build_training``: ``SSLMetaArch``, ``parallelize``,
 ``param_groups``/``build_optimizer``; ``Schedules``; the step is ``Training.step``). Compiled blocks
 have static shapes, so the teacher's evaluation batch and its training batch are two graphs, never a
 recompilation with a dynamic batch dimension. The config's schedules (warm-ups, cosine lr/wd/momentum)
@@ -142,7 +142,7 @@ def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, 
     ``args.save_run``, write the EMA teacher's backbone and the config there as a run dir."""
     from dinov2.data.gpu import GPUTrainLoader
     from dinov2.distributed.env import DistEnv
-    from dinov2.train.trainer import build_training
+    from dinov2.launch.run import build_training
 
     batch = cfg.data.batch_size_per_gpu
     num_train = data["train_x"].shape[0]

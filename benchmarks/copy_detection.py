@@ -188,7 +188,7 @@ def classical_calibration(images: list[Any], x: np.ndarray, target: float = 0.95
 def train_copy_detector(folder: Path, out: Path, iterations: int, batch: int, device: str, tiny: bool) -> Path:
     """``configs/train/copy_detection.yaml`` on the unlabelled pool folder, with the trainer; returns the run dir."""
     from dinov2.config import load_config
-    from dinov2.train.trainer import train
+    from dinov2.launch.run import train
 
     overrides = [
         "data.dataset.kind=folder",

@@ -188,9 +188,9 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
 
     from benchmarks.devices import synchronize
     from benchmarks.throughput import check_optimizer_holds, synthetic_batch
+    from dinov2.launch.run import build_training
     from dinov2.train.meta_arch import _local
     from dinov2.train.schedules import ScheduleValues
-    from dinov2.train.trainer import build_training
 
     batch_size = cfg.data.batch_size_per_gpu
     batches = [synthetic_batch(cfg, batch_size, device, seed + 100 * env.rank) for seed in range(steps + 1)]
@@ -285,8 +285,8 @@ def eager_first_loss(cfg, env, device) -> float:
     from dataclasses import replace
 
     from benchmarks.throughput import synthetic_batch
+    from dinov2.launch.run import build_training
     from dinov2.train.schedules import ScheduleValues
-    from dinov2.train.trainer import build_training
 
     eager = replace(cfg, distributed=replace(cfg.distributed, compile=False))
     training = build_training(eager, env, device)

@@ -9,7 +9,7 @@ depth-4 ViT, 250 iterations of 128 cifar10-small images), whose "well above rand
 calibrates (``tests/test_learning.py``, docs/BENCHMARKS.md).
 
 * random init: the backbone as built from ``train.seed``;
-* self-supervised: ``dinov2.train.trainer.train`` on the config (its EMA teacher is evaluated);
+* self-supervised: ``dinov2.launch.run.train`` on the config (its EMA teacher is evaluated);
 * supervised: a fresh backbone (same seed) + a linear classifier on the CLS token, cross-entropy on the
   first global crop of every image of the trainer's batches (``data.pipeline`` of the config, same
   stream), AdamW (``--lr``, ``--weight-decay``) with the config's warm-up iterations then cosine to 0,
@@ -119,9 +119,10 @@ def supervised(cfg: Any, device: torch.device, lr: float, weight_decay: float, n
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from dinov2.config import load_config
+    from dinov2.launch.run import train
     from dinov2.models import build_backbone
     from dinov2.train.final_eval import knn_of_backbone
-    from dinov2.train.trainer import total_iterations, train
+    from dinov2.train.trainer import total_iterations
 
     data, out = Path(args.data), Path(args.output_dir)
     subsets = tiny_subsets(data, out / "subsets") if args.tiny else str(data / "cifar10-small" / "{split}_idx.npy")

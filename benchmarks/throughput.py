@@ -1,7 +1,7 @@
 """Training throughput of the full DINOv2 recipe on one GPU, against a naive baseline in the same process.
 
 For each model (ViT-S/14, B/14, L/14, g/14 from ``configs/train/vit*14.yaml``) the trainer's own path
-runs: ``dinov2.train.trainer.build_training`` (model → activation checkpointing, attention backend
+runs: ``dinov2.launch.run.build_training`` (model → activation checkpointing, attention backend
 resolution, per-block compile, FSDP2 sharding → optimizer over the sharded parameters) and
 ``train_step`` (bf16 autocast, packed multi-crop forward with 2×224 + 8×98 crops, DINO + iBOT heads,
 KoLeo, Sinkhorn-Knopp, efficient stochastic depth at the preset's rate, backward, clipping, AdamW, EMA
@@ -194,8 +194,8 @@ def flop_check(cfg: Any, batch_size: int, device: torch.device, env: Any) -> flo
     copy of the model (so the timed model is built exactly as the trainer builds it); None when it does
     not fit."""
     from dinov2.distributed.env import DistEnv
+    from dinov2.launch.run import build_training
     from dinov2.train.schedules import ScheduleValues
-    from dinov2.train.trainer import build_training
 
     eager = dict(compile=False, fsdp=False, activation_checkpointing="none")
     plain = replace(cfg, distributed=replace(cfg.distributed, **eager))
@@ -226,8 +226,8 @@ def bench_ssl(
     cpu_time: bool = False,
 ) -> tuple[float, float | None, float, float | None]:
     """``(images/s, peak GiB, analytic FLOPs/step, loader-only images/s or None)`` of the trainer's step."""
+    from dinov2.launch.run import build_training
     from dinov2.train.schedules import ScheduleValues
-    from dinov2.train.trainer import build_training
 
     training = build_training(cfg, env, device)
     check_optimizer_holds(training.model, training.optimizer)

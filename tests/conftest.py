@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dinov2.launch.run import build_meta_arch
 from dinov2.train.checkpoint import CheckpointManager
-from dinov2.train.trainer import build_meta_arch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DINOV2_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -62,9 +62,9 @@ def cifar_pretrained(shared_data, tmp_path_factory) -> PretrainedRun:
     """A small ViT pretrained by the trainer on cifar10-small for a few CPU minutes (session-wide, so the
     learning, distillation and curation tests share one run)."""
     from dinov2.config import load_config
+    from dinov2.launch.run import train
     from dinov2.models import build_backbone
     from dinov2.train.final_eval import knn_of_backbone
-    from dinov2.train.trainer import train
 
     run_dir = tmp_path_factory.mktemp("cifar_pretrained")
     cfg = load_config(

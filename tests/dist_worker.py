@@ -21,9 +21,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from dinov2.config import load_config
 from dinov2.distributed.env import setup_distributed, shutdown_distributed
 from dinov2.distributed.parallelize import parallelize
+from dinov2.launch.run import build_meta_arch, train
 from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.optim import build_optimizer, param_groups
-from dinov2.train.trainer import build_meta_arch, train
 
 
 def build(cfg, env):

@@ -26,8 +26,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from dinov2.config import load_config
 from dinov2.distributed.env import setup_distributed, shutdown_distributed
 from dinov2.distributed.meta_init import check_no_full_copy
-from dinov2.distributed.plan import build_shapes, state_bytes
-from dinov2.train.trainer import build_loader, build_training, train
+from dinov2.distributed.plan import state_bytes
+from dinov2.launch.run import build_training, plan_shapes, train
+from dinov2.train.trainer import build_loader
 
 
 def _local_bytes(tensors) -> int:
@@ -64,7 +65,7 @@ def main() -> None:
         grads = _local_bytes(p.grad for p in students)
         training.optimizer.step()
         optim = _local_bytes(t for s in training.optimizer.state.values() for t in s.values())
-        plan = state_bytes(build_shapes(cfg), cfg, shards, shard_index)
+        plan = state_bytes(plan_shapes(cfg), cfg, shards, shard_index)
         record = {
             "sizes": sizes,
             "mesh": list(param.device_mesh.shape),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dinov2.train.trainer as trainer
 from dinov2.config import load_config
+from dinov2.launch.run import train
 
 
 class RecordingBatches:
@@ -40,7 +41,7 @@ def main() -> None:
         return loader
 
     trainer.build_loader = recording_build_loader
-    trainer.train(load_config("train/demo", overrides))
+    train(load_config("train/demo", overrides))
     Path(record).mkdir(parents=True, exist_ok=True)
     (Path(record) / f"rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
 

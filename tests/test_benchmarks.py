@@ -62,7 +62,7 @@ def test_throughput_fsdp_trains_what_the_trainer_builds_and_loader_feeds_it(benc
     # the check behind it: an optimizer that does not hold the trained parameters is refused
     from dinov2.config import load_config
     from dinov2.distributed.env import DistEnv
-    from dinov2.train.trainer import build_training
+    from dinov2.launch.run import build_training
 
     cfg = load_config("train/vits14", throughput.TINY)
     training = build_training(cfg, DistEnv(), torch.device("cpu"))

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from dinov2.launch.train_clipping import clip_gradients, clipped_modules
 from tiny_config import TINY
 
 from dinov2.config import load_config
 from dinov2.models import create_vit
-from dinov2.train.clipping import clip_gradients, clipped_modules
 from dinov2.train.meta_arch import Network, build_heads
 
 
@@ -95,8 +95,9 @@ def test_training_step_logs_each_module_norm_and_clips_each():
     sub-module is clipped on its own (the update of a sub-module over the clip limit equals the update
     from its gradient scaled to the limit)."""
     from dinov2.distributed.env import DistEnv
+    from dinov2.launch.run import build_training
     from dinov2.train.schedules import ScheduleValues
-    from dinov2.train.trainer import build_loader, build_training
+    from dinov2.train.trainer import build_loader
 
     cfg = load_config("train/demo", TINY + ["loss.ibot_separate_head=true", "optim.clip_grad=0.01"])
     env = DistEnv()

@@ -107,8 +107,8 @@ def test_a_graph_break_in_a_block_is_an_error(monkeypatch):
     """Blocks compile with ``fullgraph=True``: a break fails loudly instead of leaving the block eager."""
     from dinov2.distributed.env import DistEnv
     from dinov2.distributed.parallelize import parallelize
+    from dinov2.launch.run import build_meta_arch
     from dinov2.layers.block import Block
-    from dinov2.train.trainer import build_meta_arch
 
     def ffn_branch_with_a_break(self, x, seqs):
         torch._dynamo.graph_break()
@@ -297,7 +297,7 @@ def test_teacher_logits_are_fp32_before_the_temperature():
 
 
 def test_fp16_autocast_is_refused_with_one_line(tmp_path, capsys):
-    from dinov2.train.cli import main
+    from dinov2.launch.train_cli import main
 
     out = tmp_path / "run"
     code = main(["--config", "train/demo", "train.amp=fp16", f"train.output_dir={out}", *TINY])

@@ -13,9 +13,9 @@ from tiny_config import TINY_MODEL, TINY_TRAIN
 
 from dinov2.config import ConfigError, CopyAugmentConfig, load_config
 from dinov2.data.copy_augmentations import COPY_KINDS, CopyViews, make_copy
+from dinov2.launch.run import build_meta_arch, train
 from dinov2.losses.copy_detection import CopyDetectionLoss, info_nce
 from dinov2.losses.koleo import KoLeoLoss
-from dinov2.train.trainer import build_meta_arch, train
 
 COPY = (
     TINY_MODEL
@@ -187,7 +187,8 @@ def test_two_gloo_ranks_each_solve_their_own_infonce_and_log_the_mean(tmp_path):
     common = COPY + ["distributed.param_dtype=fp32", "train.max_iterations=2", "train.checkpoint_every=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "dinov2.train.cli", "--config", "train/copy_detection", *common, f"train.output_dir={tmp_path}"]
+    cmd += ["-m", "dinov2.launch.train_cli", "--config", "train/copy_detection", *common]
+    cmd += [f"train.output_dir={tmp_path}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

@@ -12,9 +12,9 @@ from conftest import cifar_small_overrides
 from dinov2.config import load_config
 from dinov2.distill.meta_arch import load_teacher
 from dinov2.distributed.env import DistEnv
+from dinov2.launch.run import train
 from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.export import export_backbone
-from dinov2.train.trainer import train
 
 STUDENT = [
     "model.arch=vit_small",
@@ -88,7 +88,7 @@ def test_distilled_student_beats_scratch_and_teacher_is_untouched(cifar_pretrain
 
 
 def test_teacher_parameters_bit_identical_during_distillation(cifar_pretrained, shared_data, tmp_path):
-    from dinov2.train.trainer import build_meta_arch
+    from dinov2.launch.run import build_meta_arch
 
     cfg = _config(
         cifar_pretrained.run_dir,
@@ -173,7 +173,7 @@ def _tiny_distill(run, out, extra=()):
 
 def test_distillation_resumes_exactly(tmp_path):
     from dinov2.distributed.stop import StopRequest
-    from dinov2.train.trainer import build_meta_arch
+    from dinov2.launch.run import build_meta_arch
 
     run = _tiny_teacher_run(tmp_path)
     common = ["train.max_iterations=4", "train.checkpoint_every=100", EXTRA_STUDENT]
@@ -202,7 +202,7 @@ def test_two_process_fsdp_distillation(tmp_path):
     import subprocess
     import sys
 
-    from dinov2.train.trainer import build_meta_arch
+    from dinov2.launch.run import build_meta_arch
 
     run = _tiny_teacher_run(tmp_path)
     out = tmp_path / "fsdp"
@@ -218,7 +218,7 @@ def test_two_process_fsdp_distillation(tmp_path):
         ],
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "dinov2.distill.cli", "--config", "train/demo", *args]
+    cmd += ["-m", "dinov2.launch.distill_cli", "--config", "train/demo", *args]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (out / "student_backbone.safetensors").is_file()
@@ -295,7 +295,8 @@ def test_distilled_student_sees_its_global_crops_unmasked():
 
 
 def test_extra_students_share_one_teacher_forward(tmp_path):
-    from dinov2.train.trainer import build_loader, build_meta_arch
+    from dinov2.launch.run import build_meta_arch
+    from dinov2.train.trainer import build_loader
 
     run = _tiny_teacher_run(tmp_path)
     cfg = load_config("train/demo", _tiny_distill(run, tmp_path / "out", [EXTRA_STUDENT]))
@@ -348,7 +349,7 @@ def test_extra_student_leaves_the_main_student_exactly_as_alone(tmp_path):
 @pytest.mark.parametrize("name", ["student", "../up", "", "narrow_ema"])
 def test_extra_student_names_are_checked(tmp_path, name):
     from dinov2.config import ConfigError
-    from dinov2.train.trainer import build_meta_arch
+    from dinov2.launch.run import build_meta_arch
 
     run = _tiny_teacher_run(tmp_path)
     extra = EXTRA_STUDENT.replace("name: narrow", f"name: '{name}'")

@@ -38,8 +38,8 @@ from dinov2.distributed.env import (
 )
 from dinov2.distributed.parallelize import clip_grad_norm, parallelize
 from dinov2.distributed.stop import StopRequest
+from dinov2.launch.run import build_meta_arch, train
 from dinov2.train.checkpoint import CheckpointManager
-from dinov2.train.trainer import build_meta_arch, train
 
 TESTS = Path(__file__).resolve().parent
 K = 4  # training steps compared
@@ -189,7 +189,7 @@ def _torchrun(nproc: int, args: list[str], timeout: float = 400) -> None:
 def _train_cli() -> list[str]:
     """``dinov2-train`` itself when its console script sits beside this Python, else its module."""
     script = Path(sys.executable).parent / "dinov2-train"
-    return ["--no-python", str(script)] if script.is_file() else ["-m", "dinov2.train.cli"]
+    return ["--no-python", str(script)] if script.is_file() else ["-m", "dinov2.launch.train_cli"]
 
 
 def _load(cfg, ckpt: Path, fsdp: bool = False) -> dict[str, dict]:

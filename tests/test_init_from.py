@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from tiny_config import TINY
 
 from dinov2.config import load_config
+from dinov2.launch.run import build_meta_arch
+from dinov2.launch.train_cli import main
 from dinov2.models.pos_embed import interpolate_pos_embed
-from dinov2.train.cli import main
 from dinov2.train.init_from import init_from_run, read_weights, resample_pos_embeds
-from dinov2.train.trainer import build_meta_arch
 
 PHASE1 = [
     "model.img_size=24",
@@ -155,7 +155,7 @@ def test_phase_under_fsdp_on_two_ranks_loads_the_same_weights(first_run, tmp_pat
         f"train.output_dir={phase}",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "dinov2.train.cli", "--config", "train/demo", "--init-from", str(first_run), *args]
+    cmd += ["-m", "dinov2.launch.train_cli", "--config", "train/demo", "--init-from", str(first_run), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]

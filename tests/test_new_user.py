@@ -21,9 +21,9 @@ from photos import MODES, SIZES, write_photo_folder
 from tiny_config import TINY_MODEL, TINY_TRAIN
 
 from dinov2.config import load_config
-from dinov2.distill.cli import main as distill_main
 from dinov2.eval.cli import main as eval_main
-from dinov2.train.cli import main as train_main
+from dinov2.launch.distill_cli import main as distill_main
+from dinov2.launch.train_cli import main as train_main
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_readme_commands_on_a_folder_of_photos(shared_data, tmp_path, capsys):
     train_args = ["--config", "train/demo", *TINY_MODEL, *TINY_TRAIN, *TINY_CROPS, f"data.dataset.path={photos}",
                   f"train.output_dir={run}", "train.max_iterations=10", "train.checkpoint_every=2",
                   "eval.final_knn=true", "eval.knn_k=[5]", "eval.test_split=val"]  # fmt: skip
-    command = [sys.executable, "-m", "dinov2.train.cli", *train_args]
+    command = [sys.executable, "-m", "dinov2.launch.train_cli", *train_args]
     proc = subprocess.Popen(command, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = run / "checkpoints" / "ckpt_00000002" / "meta.json"
     deadline = time.time() + 300

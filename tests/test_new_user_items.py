@@ -30,10 +30,11 @@ from dinov2.eval.backbone_io import load_backbone
 from dinov2.eval.cli import main as eval_main
 from dinov2.eval.features import eval_sizes
 from dinov2.eval.holdout import holdout_split
+from dinov2.launch.run import train
+from dinov2.launch.train_cli import main as train_main
 from dinov2.train.checkpoint import CheckpointManager, NonFiniteStateError, state_is_finite
-from dinov2.train.cli import main as train_main
 from dinov2.train.meta_arch import SSLMetaArch
-from dinov2.train.trainer import NonFiniteLossError, make_optimizer, train
+from dinov2.train.trainer import NonFiniteLossError, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = TINY + ["train.checkpoint_every=2", "train.keep_last_checkpoints=3", "eval.final_knn=false"]
@@ -161,7 +162,7 @@ def test_final_knn_on_a_folder_without_split_is_labelled_held_out(photos, tmp_pa
 def test_unlabelled_folder_skips_final_knn_with_one_line(shared_data, tmp_path):
     """Old: ``ValueError: k-NN needs labelled train data``, exit 1, after the export."""
     flat = write_flat_folder(shared_data, tmp_path / "flat", 12)
-    proc = _cli("dinov2.train.cli", "--config", "train/demo", *TINY, "data.dataset.kind=folder",
+    proc = _cli("dinov2.launch.train_cli", "--config", "train/demo", *TINY, "data.dataset.kind=folder",
                 f"data.dataset.path={flat}", f"train.output_dir={tmp_path / 'run'}", "train.max_iterations=2",
                 "eval.final_knn=true")  # fmt: skip
     assert (tmp_path / "run" / "teacher_backbone.safetensors").is_file()
@@ -212,7 +213,7 @@ def test_rerun_with_another_model_stops_naming_the_key_and_writes_nothing(tiny_r
     """Old: config.yaml overwritten before the checkpoint failed to load (a traceback); the export then
     loaded nowhere."""
     before = _tree(tiny_run)
-    proc = _cli("dinov2.train.cli", "--config", "train/demo", *RUN, f"train.output_dir={tiny_run}",
+    proc = _cli("dinov2.launch.train_cli", "--config", "train/demo", *RUN, f"train.output_dir={tiny_run}",
                 "train.max_iterations=4", "model.embed_dim=48", check_rc=2)  # fmt: skip
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dinov2-train: error:"), proc.stderr
@@ -390,9 +391,9 @@ def test_eval_reads_an_intermediate_checkpoint(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_distill_cli_names_itself(tmp_path, capsys):
     """Old: ``dinov2-distill --help`` printed dinov2-train's usage; its errors said ``dinov2-train:``."""
-    proc = _cli("dinov2.distill.cli", "--help")
+    proc = _cli("dinov2.launch.distill_cli", "--help")
     assert proc.stdout.startswith("usage: dinov2-distill") and "frozen teacher" in proc.stdout
-    from dinov2.distill.cli import main as distill_main
+    from dinov2.launch.distill_cli import main as distill_main
 
     assert distill_main(["--config", "train/demo", *TINY, "train.checkpoint_every=0"]) == 2
     assert capsys.readouterr().err.startswith("dinov2-distill: error: train.checkpoint_every")

@@ -19,11 +19,11 @@ from train_driver import read_stream, stream_spy
 
 from dinov2.config import load_config
 from dinov2.distributed.stop import StopRequest
+from dinov2.launch.run import build_meta_arch, train
 from dinov2.train import trainer
 from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.metrics import read_metrics
 from dinov2.train.schedules import Schedules
-from dinov2.train.trainer import build_meta_arch, train
 
 TESTS = Path(__file__).resolve().parent
 COMMON = TINY + [

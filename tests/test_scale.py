@@ -33,10 +33,10 @@ from tiny_config import TINY
 from dinov2.config import ConfigError, MeshConfig, load_config
 from dinov2.distributed.env import distributed_session
 from dinov2.distributed.mesh import mesh_shape
-from dinov2.distributed.plan import build_shapes, local_numel, state_bytes
+from dinov2.distributed.plan import local_numel, state_bytes
+from dinov2.launch.run import build_meta_arch, build_training, construct_meta_arch, plan_shapes, train
 from dinov2.layers import init as init_module
 from dinov2.layers.init import EAGER, KeyedInit, keyed_rows
-from dinov2.train.trainer import build_meta_arch, build_training, construct_meta_arch, train
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 3
@@ -137,7 +137,7 @@ def test_mesh_shape_defaults_and_errors():
 # -------------------------------------------------------------------------------------------- plan
 def test_plan_counts_every_parameter_of_the_real_model():
     cfg = load_config("train/demo", TINY + ["loss.ibot_separate_head=true"])
-    nets = {n.name: n for n in build_shapes(cfg)}
+    nets = {n.name: n for n in plan_shapes(cfg)}
     model = build_meta_arch(cfg, torch.device("cpu"))
     for name, network in model.networks().items():
         assert nets[name].numel() == sum(p.numel() for p in network.parameters())
@@ -166,7 +166,7 @@ def test_plan_activation_model_against_the_tensors_a_forward_saves(ffn):
     small += [f"model.ffn_layer={ffn}", "model.drop_path_rate=0"]
     cfg = load_config("train/demo", small)
     backbone = build_meta_arch(cfg, torch.device("cpu")).student.backbone.train()
-    student = next(n for n in build_shapes(cfg) if n.name == "student")
+    student = next(n for n in plan_shapes(cfg) if n.name == "student")
     params = {p.untyped_storage().data_ptr() for p in backbone.parameters()}
     batch = 4
     for mode in ("none", "selective"):
@@ -187,7 +187,7 @@ def test_plan_activation_model_against_the_tensors_a_forward_saves(ffn):
 
 
 def test_plan_cli_vitg_at_64_gpus_and_bad_input(capsys):
-    from dinov2.train.cli import main
+    from dinov2.launch.train_cli import main
 
     assert main(["--plan", "--config", "train/vitg14", "--world-size", "64", "--batch-sizes", "8,16"]) == 0
     out = capsys.readouterr().out
@@ -321,8 +321,8 @@ def test_distillation_teacher_from_a_run_is_loaded_into_shards(tmp_path):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from dinov2.distill.meta_arch import load_teacher
+    from dinov2.distill.teacher_load import load_teacher_sharded
     from dinov2.distributed.mesh import build_mesh
-    from dinov2.distributed.teacher_load import load_teacher_sharded
 
     run = tmp_path / "teacher"
     train(

@@ -238,7 +238,7 @@ def test_corrupt_and_truncated_members_are_skipped_counted_by_file_and_named_onc
 
 
 # ---------------------------------------------------------------------------- exact resume, kill -9
-CLI = [sys.executable, "-m", "dinov2.train.cli", "--config", "train/demo"]
+CLI = [sys.executable, "-m", "dinov2.launch.train_cli", "--config", "train/demo"]
 
 
 def _env() -> dict[str, str]:

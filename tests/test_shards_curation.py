@@ -113,8 +113,8 @@ def test_round_trip_folder_pack_curate_export_shards_train(tmp_path):
 
     from dinov2.config import load_config
     from dinov2.eval import save_backbone
+    from dinov2.launch.run import train
     from dinov2.models import build_backbone
-    from dinov2.train.trainer import train
 
     images, wd = tmp_path / "images", tmp_path / "wd"
     classes = _folder(images, per_class=8, duplicates=4)  # 28 files, 4 exact copies

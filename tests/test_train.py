@@ -16,10 +16,11 @@ from tiny_config import TINY
 
 from dinov2.config import load_config
 from dinov2.data import build_train_loader
+from dinov2.launch.run import train
 from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.meta_arch import SSLMetaArch
 from dinov2.train.metrics import read_metrics
-from dinov2.train.trainer import NonFiniteLossError, train
+from dinov2.train.trainer import NonFiniteLossError
 
 
 def _sha(directory: Path) -> str:

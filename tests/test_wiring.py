@@ -20,10 +20,10 @@ from tiny_config import TINY
 
 from dinov2.config import load_config
 from dinov2.distributed.env import DistEnv
+from dinov2.launch.run import build_training
 from dinov2.losses import KoLeoLoss
 from dinov2.train.meta_arch import SSLMetaArch
 from dinov2.train.schedules import ScheduleValues
-from dinov2.train.trainer import build_training
 
 B = 4  # images; 2B global crops of 16 px (4 x 4 patches of 4 px), 2 local crops per image of 8 px
 N_PATCHES = 16
@@ -263,7 +263,7 @@ def test_distillation_student_sees_unmasked_global_crops_by_default(tmp_path):
     the masked positions' patch tokens."""
     from safetensors.torch import save_file
 
-    from dinov2.distill.meta_arch import build_distill_meta_arch
+    from dinov2.launch.run import build_meta_arch
 
     teacher_model = _model(_config())
     weights = tmp_path / "teacher_backbone.safetensors"
@@ -271,7 +271,7 @@ def test_distillation_student_sees_unmasked_global_crops_by_default(tmp_path):
     tiny_model = [o.replace("model.", "distill.teacher_model.", 1) for o in WIRING if o.startswith("model.")]
     cfg = _config(["distill.enabled=true", f"distill.teacher_checkpoint={weights}", *tiny_model])
     torch.manual_seed(0)
-    model = build_distill_meta_arch(cfg).train()
+    model = build_meta_arch(cfg, torch.device("cpu")).train()
     batch = _batch(every_image=True)
     expected = _reference(model, batch, None, 2 * B, student_masks=False)
     _close(model(batch, teacher_temp=TEACHER_TEMP).parts, expected)

@@ -77,7 +77,9 @@ def main(argv: list[str]) -> int:
 
     from dinov2.config import load_config
     from dinov2.distributed.stop import StopRequest
-    from dinov2.train import cli, trainer
+    from dinov2.launch import run
+    from dinov2.launch import train_cli as cli
+    from dinov2.train import trainer
 
     overrides = cli.parse_args(rest)
     cfg = load_config(overrides.config, overrides.overrides)
@@ -101,7 +103,7 @@ def main(argv: list[str]) -> int:
     trainer.train_step = stream_spy(trainer.train_step, out / f"stream_rank{rank}.jsonl", after_step)
     if stop is None:
         return cli.main(rest)
-    trainer.train(cfg, stop)
+    run.train(cfg, stop)
     return 0
 
 

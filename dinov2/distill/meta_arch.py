@@ -38,7 +38,9 @@ import torch
 from torch import nn
 
 from dinov2.config import Config, ConfigError, load_config
+from dinov2.interop import load_pretrained_backbone
 from dinov2.models import build_backbone
+from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.export import Export
 from dinov2.train.meta_arch import Network, SSLMetaArch, build_heads, ema_update
 
@@ -51,6 +53,8 @@ class DistillMetaArch(SSLMetaArch):
         # dinov3 (train/ssl_meta_arch.py get_student_output): ``masks=[masks if not distillation else None,
         # None]``: the student sees the global crops whole, the iBOT loss still compares the drawn patches
         self.student_masks = cfg.distill.student_masks
+        if cfg.distill.layerwise_decay is not None:  # dinov3's distillation decays by 0.99 (docs/PARITY.md)
+            self.layerwise_decay = cfg.distill.layerwise_decay
         self.extra_students = nn.ModuleDict()
         self.extra_configs = {extra.name: extra_student_config(cfg, extra.name) for extra in cfg.distill.extra_students}
         for extra in cfg.distill.extra_students:
@@ -102,7 +106,7 @@ class DistillMetaArch(SSLMetaArch):
 def teacher_run_config(cfg: Config, run_ckpt: Path) -> Config:
     """The configuration a teacher run trained with (its ``config.yaml``; ``distill.teacher_model`` when it
     has none), checked against the student's heads: they must have the teacher's number of prototypes."""
-    teacher_cfg = _teacher_config(cfg)
+    teacher_cfg = teacher_config(cfg)
     run_config = run_ckpt.parent.parent / "config.yaml"
     if run_config.is_file():
         teacher_cfg = load_config(run_config)
@@ -112,6 +116,7 @@ def teacher_run_config(cfg: Config, run_ckpt: Path) -> Config:
             f"{cfg.dino_head.out_dim}: the student's heads must have the teacher's number of prototypes"
         )
     return teacher_cfg
+
 
 def extra_student_config(cfg: Config, name: str) -> Config:
     """The run's config with ``model`` set to extra student ``name``'s and no extra students: what
@@ -138,7 +143,7 @@ def _check_student_name(name: str, taken: nn.ModuleDict) -> None:
         raise ConfigError(f"distill.extra_students: name {name!r} is taken; give each extra student its own name")
 
 
-def _teacher_config(cfg: Config) -> Config:
+def teacher_config(cfg: Config) -> Config:
     """The teacher's full config: the student's, with ``model`` replaced by ``distill.teacher_model``."""
     teacher_cfg = copy.deepcopy(cfg)
     teacher_cfg.model = copy.deepcopy(cfg.distill.teacher_model)
@@ -146,10 +151,8 @@ def _teacher_config(cfg: Config) -> Config:
     return teacher_cfg
 
 
-def _find_run_checkpoint(path: Path) -> Path | None:
+def find_run_checkpoint(path: Path) -> Path | None:
     """A DCP checkpoint directory of ours at or under ``path`` (the newest), or None."""
-    from dinov2.train.checkpoint import CheckpointManager
-
     if (path / "meta.json").is_file() and path.name.startswith("ckpt_"):
         return path
     for candidate in (path / "checkpoints", path):
@@ -167,11 +170,9 @@ def load_teacher(cfg: Config) -> Network:
             f"distill.teacher_checkpoint='{cfg.distill.teacher_checkpoint}' does not exist "
             "(give a training run directory, a ckpt_* directory or a backbone weights file)"
         )
-    teacher_cfg = _teacher_config(cfg)
-    run_ckpt = _find_run_checkpoint(source) if source.is_dir() else None
+    teacher_cfg = teacher_config(cfg)
+    run_ckpt = find_run_checkpoint(source) if source.is_dir() else None
     if run_ckpt is not None:
-        from dinov2.train.checkpoint import CheckpointManager
-
         # rebuild the teacher's own training meta-arch (from the run's config.yaml) and restore it
         teacher_cfg = teacher_run_config(cfg, run_ckpt)
         donor = SSLMetaArch(teacher_cfg)
@@ -179,8 +180,6 @@ def load_teacher(cfg: Config) -> Network:
         logger.info("distillation teacher: backbone and heads from %s", run_ckpt)
         teacher = donor.teacher
     else:
-        from dinov2.interop import load_pretrained_backbone
-
         backbone = load_pretrained_backbone(source, layout=cfg.distill.teacher_format, model_cfg=teacher_cfg.model)
         generator_state = torch.get_rng_state()
         torch.manual_seed(cfg.distill.head_seed)
@@ -192,7 +191,3 @@ def load_teacher(cfg: Config) -> Network:
         teacher = Network(backbone, heads)
     teacher.requires_grad_(False)
     return teacher.eval()
-
-
-def build_distill_meta_arch(cfg: Config) -> DistillMetaArch:
-    return DistillMetaArch(cfg, load_teacher(cfg))

@@ -1,6 +1,6 @@
 """Build on the meta device, shard, then materialise and initialise shard by shard.
 
-The trainer (``dinov2.train.trainer.build_training``) never holds a full network in memory:
+The trainer (``dinov2.launch.run.build_training``) never holds a full network in memory:
 
 1. :func:`on_meta` constructs the meta-architecture under ``torch.device("meta")`` — shapes only,
    no storage (ViT-g's student, teacher and 131k-prototype heads cost nothing);
@@ -16,7 +16,7 @@ The trainer (``dinov2.train.trainer.build_training``) never holds a full network
    - the **teacher** (an EMA of the student) and each **student EMA** (``{name}_ema``) by copying
      the source network's local shards, which line up one to one (same mesh, same layout);
    - a network that is **already materialised** (a distillation teacher loaded shard by shard,
-     :func:`dinov2.distributed.teacher_load.load_teacher_sharded`) is left alone;
+     :func:`dinov2.distill.teacher_load.load_teacher_sharded`) is left alone;
    - buffers outside the networks (the softmax centres) start at zero, as their constructors do;
 
 4. :func:`check_no_full_copy` asserts, from the local tensor sizes, that every sharded parameter

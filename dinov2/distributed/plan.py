@@ -1,8 +1,9 @@
 """``dinov2-train --plan``: per-GPU memory and communication of a config at a world size and mesh,
 before anything is submitted (no training, no GPU, no process group).
 
-The networks are built on the meta device (shapes only), so the parameter counts are exact for any
-size. Per GPU, for the rank holding the largest shards (rank 0 of its shard group):
+The networks are built on the meta device (shapes only: the model factory's ``skeleton``, no file
+read), so the parameter counts are exact for any size. Per GPU, for the rank holding the largest
+shards (rank 0 of its shard group):
 
 - **exact** (checked against the real sharded tensors of a small model in ``tests/test_scale.py``):
   student parameters (fp32 shards), gradients (fp32 shards), AdamW state (``exp_avg`` and
@@ -84,31 +85,6 @@ def network_shapes(model: nn.Module) -> list[NetworkShapes]:
         runs = name in trained or name == "teacher"
         out.append(NetworkShapes(name, name in trained, shapes, blocks, runs))
     return out
-
-
-def build_shapes(cfg: Config) -> list[NetworkShapes]:
-    """The networks of ``cfg`` on the meta device (a distillation teacher from ``distill.teacher_model``)."""
-    from dinov2.distributed.meta_init import on_meta
-
-    if cfg.train.objective == "copy_detection":
-        from dinov2.train.copy_detection import CopyDetectionMetaArch
-
-        return network_shapes(on_meta(lambda: CopyDetectionMetaArch(cfg)))
-    if cfg.distill.enabled:
-        from dinov2.distill.meta_arch import DistillMetaArch, _teacher_config
-        from dinov2.models import build_backbone
-        from dinov2.train.meta_arch import Network, build_heads
-
-        def build():
-            tcfg = _teacher_config(cfg)
-            backbone = build_backbone(tcfg.model)
-            heads = build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, cfg.loss.ibot_separate_head)
-            return DistillMetaArch(cfg, Network(backbone, heads))
-
-        return network_shapes(on_meta(build))
-    from dinov2.train.meta_arch import SSLMetaArch
-
-    return network_shapes(on_meta(lambda: SSLMetaArch(cfg)))
 
 
 @dataclass
@@ -240,15 +216,16 @@ def comm_bytes(cfg: Config, nets: list[NetworkShapes], replicate: int, shards: i
 
 def format_plan(
     cfg: Config,
+    nets: list[NetworkShapes],
     world_size: int,
     gpus_per_node: int,
     gpu_gib: float = 80.0,
     batch_sizes: list[int] | None = None,
     title: str = "",
 ) -> tuple[str, bool]:
-    """The plan as text, and whether the config's batch size and AC mode fit ``gpu_gib``."""
+    """The plan as text, and whether the config's batch size and AC mode fit ``gpu_gib``. ``nets``: the
+    :func:`network_shapes` of ``cfg``'s meta-architecture (``dinov2.launch.run.plan_shapes``)."""
     replicate, shards = mesh_shape(cfg.distributed.mesh, world_size, gpus_per_node)
-    nets = build_shapes(cfg)
     state = state_bytes(nets, cfg, shards)
     work = working_set_bytes(cfg, nets)
     batch = cfg.data.batch_size_per_gpu

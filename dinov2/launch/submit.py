@@ -34,7 +34,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dinov2.config import Config, ConfigError, load_config
+from dinov2.distributed.stop import StopRequest
+from dinov2.launch.run import train
 
 REQUEUE_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"  # submitit's own setting for the signal it handles
 
@@ -55,14 +59,9 @@ class TrainJob:
     cfg: Config
 
     def __call__(self) -> dict[str, Any]:
-        from dinov2.distributed.stop import StopRequest
-        from dinov2.train.trainer import train
-
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
         if cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ:
-            import torch
-
             torch.set_num_threads(int(cpus))  # not every core of the node: only this task's share
         requeue = requeue_signal()
         # submitit installed its handler for `requeue` before calling us: keep it to requeue later

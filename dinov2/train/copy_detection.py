@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from dinov2.config import Config, ConfigError
+from dinov2.distributed.meta_init import on_meta
 from dinov2.losses.copy_detection import CopyDetectionLoss
 from dinov2.models import DinoVisionTransformer, build_backbone
 from dinov2.train.export import Export
 from dinov2.train.meta_arch import StepOutput
+from dinov2.train.model_factory import ModelFactory
 
 if TYPE_CHECKING:
     from dinov2.data.copy_augmentations import CopyViews
@@ -51,6 +53,7 @@ class CopyDetectionMetaArch(nn.Module):
         super().__init__()
         check_copy_detection_config(cfg)
         self.cfg = cfg
+        self.layerwise_decay = cfg.optim.layerwise_decay
         self.student = DescriptorNetwork(build_backbone(cfg.model))
         self.loss = CopyDetectionLoss(cfg.copy_detection.temperature, cfg.copy_detection.entropy_weight)
 
@@ -85,6 +88,13 @@ class CopyDetectionMetaArch(nn.Module):
 
         crops = self.cfg.data.crops
         return CopyViews(self.cfg.copy_detection, crops.global_crops_size, crops.mean, crops.std)
+
+
+class CopyDetectionFactory(ModelFactory):
+    """What ``train.objective=copy_detection`` trains (``dinov2.train.model_factory``)."""
+
+    def skeleton(self, cfg: Config) -> CopyDetectionMetaArch:
+        return on_meta(lambda: CopyDetectionMetaArch(cfg))
 
 
 def check_copy_detection_config(cfg: Config) -> None:

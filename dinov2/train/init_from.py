@@ -26,9 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from dinov2.config import ConfigError
+from dinov2.models.pos_embed import interpolate_pos_embed
+from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.model_factory import ModelFactory
 
 if TYPE_CHECKING:
     from dinov2.config import Config
@@ -46,8 +53,6 @@ class InitFromError(ConfigError):
 
 def find_source(run_dir: str | Path) -> Path:
     """The newest complete checkpoint of ``run_dir``, else its exported teacher backbone."""
-    from dinov2.train.checkpoint import CheckpointManager
-
     run = Path(run_dir)
     if not run.is_dir():
         raise InitFromError(f"--init-from {run}: no such directory")
@@ -62,8 +67,6 @@ def find_source(run_dir: str | Path) -> Path:
 def _source_shapes(source: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``{key of the meta-architecture: (shape, dtype)}`` of the weights in ``source``."""
     if source.is_dir():
-        import torch.distributed.checkpoint as dcp
-
         metadata = dcp.FileSystemReader(str(source)).read_metadata().state_dict_metadata
         out = {}
         for key, meta in metadata.items():
@@ -71,8 +74,6 @@ def _source_shapes(source: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype
             if key.startswith("model.") and name.startswith(COPIED_PREFIXES) and hasattr(meta, "size"):
                 out[name] = (tuple(meta.size), meta.properties.dtype)
         return out
-    from safetensors import safe_open
-
     with safe_open(str(source), framework="pt") as f:
         shapes = {k: (tuple(f.get_slice(k).get_shape()), torch.float32) for k in f.keys()}
     return {f"{net}backbone.{k}": v for net in COPIED_PREFIXES for k, v in shapes.items()}
@@ -80,10 +81,7 @@ def _source_shapes(source: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype
 
 def _target_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Shapes of the weights the new run's meta-architecture holds (built on the meta device: no memory)."""
-    from dinov2.train.trainer import build_meta_arch
-
-    with torch.device("meta"):
-        model = build_meta_arch(cfg, torch.device("meta"))
+    model = ModelFactory().skeleton(cfg)  # self-supervised: the only objective --init-from applies to
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(COPIED_PREFIXES)}
 
 
@@ -95,8 +93,6 @@ def check_init_from(run_dir: str | Path, cfg: Config) -> Path | None:
     """The source of ``--init-from run_dir`` for a run of ``cfg``, after checking that its weights fit the
     architecture (position-embedding grids aside). Raises :class:`InitFromError`. Once the new run has a
     checkpoint of its own it resumes from it and ``run_dir`` is not read: nothing to check (None)."""
-    from dinov2.train.checkpoint import CheckpointManager
-
     if cfg.distill.enabled or cfg.train.objective != "dino":
         raise InitFromError("--init-from applies to self-supervised runs only, not distillation or copy detection")
     if Path(run_dir).resolve() == Path(cfg.train.output_dir).resolve():
@@ -138,22 +134,16 @@ def _quiet_single_process():
 def read_weights(source: Path) -> dict[str, Tensor]:
     """The student and teacher weights in ``source`` as full CPU tensors, keyed as in the meta-architecture."""
     if source.is_dir():
-        import torch.distributed.checkpoint as dcp
-
         state = {"model": {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in _source_shapes(source).items()}}
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(source))
         return state["model"]
-    from safetensors.torch import load_file
-
     backbone = load_file(str(source))
     return {f"{net}backbone.{k}": v for net in COPIED_PREFIXES for k, v in backbone.items()}
 
 
 def resample_pos_embeds(state: dict[str, Tensor], grid: int, mode: str) -> dict[str, Tensor]:
     """Every backbone position embedding of ``state`` on a ``grid × grid`` patch grid."""
-    from dinov2.models.pos_embed import interpolate_pos_embed
-
     out = dict(state)
     for key, value in state.items():
         if _is_pos_embed(key) and value.shape[1] != 1 + grid * grid:
@@ -164,8 +154,6 @@ def resample_pos_embeds(state: dict[str, Tensor], grid: int, mode: str) -> dict[
 def init_from_run(model: nn.Module, cfg: Config) -> Path:
     """Load the weights of ``cfg.train.init_from`` into ``model`` (the new run's meta-architecture, possibly
     sharded; every rank calls this). Returns the source read."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     if cfg.distill.enabled or cfg.train.objective != "dino":
         raise InitFromError("--init-from applies to self-supervised runs only, not distillation or copy detection")
     source = find_source(cfg.train.init_from)

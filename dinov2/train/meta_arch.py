@@ -81,6 +81,7 @@ class SSLMetaArch(nn.Module):
         self.ibot_loss = IBOTPatchLoss(loss_cfg.student_temp)
         self.koleo_loss = KoLeoLoss()
         self.loss_cfg = loss_cfg
+        self.layerwise_decay = cfg.optim.layerwise_decay  # the optimizer's per-block lr decay for the students
         # the student's global crops get the iBOT mask tokens (distillation may see them unmasked)
         self.student_masks = True
 

@@ -19,19 +19,22 @@ import torch
 
 from dinov2.config import Amp, Config, ConfigError, to_yaml
 from dinov2.data import TrainBatches, build_train_loader
+from dinov2.data.gpu import build_gpu_train_loader
 from dinov2.device import autocast, resolve_device
 from dinov2.distributed.comm import all_reduce_sum_, world_size
 from dinov2.distributed.env import DistEnv, distributed_session
 from dinov2.distributed.mesh import build_mesh
-from dinov2.distributed.meta_init import check_no_full_copy, materialize, on_meta
+from dinov2.distributed.meta_init import check_no_full_copy, materialize
 from dinov2.distributed.parallelize import parallelize, should_shard
 from dinov2.distributed.stop import StopRequest
 from dinov2.train.checkpoint import CheckpointManager, NonFiniteStateError
 from dinov2.train.clipping import clip_gradients
 from dinov2.train.export import export_backbone
 from dinov2.train.final_eval import knn_on_sets, knn_sets
+from dinov2.train.init_from import check_init_from, init_from_run
 from dinov2.train.meta_arch import SSLMetaArch
 from dinov2.train.metrics import MetricsWriter
+from dinov2.train.model_factory import ModelFactory
 from dinov2.train.optim import apply_schedule, build_optimizer, param_groups
 from dinov2.train.run_dir import preflight, write_run_config
 from dinov2.train.schedules import Schedules, ScheduleValues
@@ -79,50 +82,21 @@ def autocast_context(cfg: Config, device: torch.device):
     return autocast(device, torch.bfloat16 if device.type == "cuda" and cfg.train.amp == Amp.bf16 else None)
 
 
-def construct_meta_arch(cfg: Config, teacher=None) -> SSLMetaArch:
-    """The meta-architecture for ``cfg`` on the meta device (shapes, no storage; see
-    ``dinov2.distributed.meta_init``): self-supervised, distillation when ``cfg.distill.enabled``, or the
-    copy detector of ``train.objective=copy_detection``. The one place the objective is chosen: the
-    meta-architecture also names its data transform (``train_transform``), so the loop stays generic.
-    A distillation ``teacher`` (loaded, possibly sharded) is given or loaded here, outside the meta device."""
-    if cfg.train.objective == "copy_detection":
-        from dinov2.train.copy_detection import CopyDetectionMetaArch
-
-        return on_meta(lambda: CopyDetectionMetaArch(cfg))
-    if cfg.distill.enabled:
-        from dinov2.distill.meta_arch import DistillMetaArch, load_teacher
-
-        loaded = teacher if teacher is not None else load_teacher(cfg)
-        return on_meta(lambda: DistillMetaArch(cfg, loaded))
-    return on_meta(lambda: SSLMetaArch(cfg))
-
-
-def build_meta_arch(cfg: Config, device: torch.device) -> SSLMetaArch:
-    """The meta-architecture for ``cfg``, unsharded on ``device``, with the run's initial weights (keyed by
-    ``train.seed``: the same as every rank of a sharded run starts from, ``dinov2.layers.init``)."""
-    model = construct_meta_arch(cfg)
-    materialize(model, device, cfg.train.seed)
-    return model
-
-
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def make_optimizer(model: SSLMetaArch, cfg: Config, device: torch.device):
     """AdamW over the parameter groups of every trained network (the student; several when distilling
-    into more than one). The prototype layers' groups carry ``is_last_layer`` (lr 0 while frozen).
-    Layer-wise lr decay: ``optim.layerwise_decay``, or ``distill.layerwise_decay`` when distilling."""
-    decay = cfg.optim.layerwise_decay
-    if cfg.distill.enabled and cfg.distill.layerwise_decay is not None:
-        decay = cfg.distill.layerwise_decay
+    into more than one). The prototype layers' groups carry ``is_last_layer`` (lr 0 while frozen);
+    the layer-wise lr decay is the meta-architecture's (``model.layerwise_decay``)."""
     groups = [
         group
         for network in model.trained_networks().values()
         for group in param_groups(
             network,
             depth=network.backbone.num_layers(),
-            layerwise_decay=decay,
+            layerwise_decay=model.layerwise_decay,
             patch_embed_lr_mult=cfg.optim.patch_embed_lr_mult,
         )
     ]
@@ -142,19 +116,15 @@ class Training:
         return train_step(self.model, self.optimizer, batch, values, self.cfg, self.device)
 
 
-def build_training(cfg: Config, env: DistEnv, device: torch.device) -> Training:
-    """Model on the meta device → activation checkpointing, backend resolution, compilation, sharding
-    over the mesh (``parallelize``) → each rank's shards materialised and initialised
-    (``dinov2.distributed.meta_init``; a distillation teacher loaded shard by shard) → optimizer over the
-    sharded parameters. The benchmarks call this too, so what they time is what trains."""
+def build_training(cfg: Config, env: DistEnv, device: torch.device, factory: ModelFactory) -> Training:
+    """Model from ``factory`` on the meta device (a distillation teacher loaded, shard by shard over the
+    mesh when sharded) → activation checkpointing, backend resolution, compilation, sharding over the
+    mesh (``parallelize``) → each rank's shards materialised and initialised
+    (``dinov2.distributed.meta_init``) → optimizer over the sharded parameters. The benchmarks call this
+    too (``dinov2.launch.run.build_training``), so what they time is what trains."""
     torch.manual_seed(cfg.train.seed)
-    teacher, mesh = None, None
-    if cfg.distill.enabled and cfg.train.objective != "copy_detection" and should_shard(cfg.distributed, env):
-        from dinov2.distributed.teacher_load import load_teacher_sharded
-
-        mesh = build_mesh(cfg.distributed.mesh, env, device)
-        teacher = load_teacher_sharded(cfg, mesh, device)
-    model = construct_meta_arch(cfg, teacher)
+    mesh = build_mesh(cfg.distributed.mesh, env, device) if should_shard(cfg.distributed, env) else None
+    model = factory.build(cfg, mesh, device)
     mesh = parallelize(model, cfg.distributed, env, device, mesh)
     materialize(model, device, cfg.train.seed)
     if mesh is not None:
@@ -210,31 +180,28 @@ def build_loader(
     if cfg.data.pipeline == "cpu":
         return build_train_loader(cfg.data, transform=transform, **common)
     if cfg.data.pipeline == "gpu":
-        from dinov2.data.gpu import build_gpu_train_loader
-
         return build_gpu_train_loader(cfg.data, device=device, **common)
     raise ConfigError(f"unknown data.pipeline '{cfg.data.pipeline}' (expected cpu or gpu)")
 
 
-def train(cfg: Config, stop: StopRequest | None = None) -> TrainResult:
-    """Train (resuming from the newest checkpoint in the output dir). When ``stop`` is requested (e.g.
-    from a signal handler), all ranks save a checkpoint at the next iteration and return early."""
+def train(cfg: Config, factory: ModelFactory, stop: StopRequest | None = None) -> TrainResult:
+    """Train what ``factory`` builds (resuming from the newest checkpoint in the output dir). When
+    ``stop`` is requested (e.g. from a signal handler), all ranks save a checkpoint at the next iteration
+    and return early. ``dinov2.launch.run.train`` picks the factory from the configuration."""
     with distributed_session(cfg.distributed.backend, always=cfg.distributed.fsdp) as env:
-        return _train(cfg, env, stop)
+        return _train(cfg, factory, env, stop)
 
 
-def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainResult:
+def _train(cfg: Config, factory: ModelFactory, env: DistEnv, stop: StopRequest | None = None) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
     preflight(cfg)  # nothing is written before the configuration and the run dir are checked
     if cfg.train.init_from:
-        from dinov2.train.init_from import check_init_from  # init_from builds models through this module
-
         check_init_from(cfg.train.init_from, cfg)
     device = resolve_device(cfg.train.device, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    training = build_training(cfg, env, device)
+    training = build_training(cfg, env, device, factory)
     model, optimizer = training.model, training.optimizer
     global_batch = cfg.data.batch_size_per_gpu * env.world_size
     total = total_iterations(cfg)
@@ -250,8 +217,6 @@ def _train(cfg: Config, env: DistEnv, stop: StopRequest | None = None) -> TrainR
         if env.is_main:
             logger.info("resumed from %s at iteration %d", resumed.path, start)
     elif cfg.train.init_from:  # a new phase of another run (dinov2-train --init-from): its weights only
-        from dinov2.train.init_from import init_from_run
-
         init_from_run(model, cfg)
     if env.is_main:
         write_run_config(cfg)

@@ -1,4 +1,4 @@
-"""``dinov2-train --config PATH [key=value …]``: pretrain (or distill) a ViT.
+"""``dinov2-train --config PATH [key=value …]``: pretrain (or distill, ``dinov2.launch.distill_cli``) a ViT.
 
 Every check that needs no model or data (the configuration's values, the dataset kind, a run dir holding
 another configuration, an unwritable output dir) runs first: a problem is one line
@@ -13,6 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from dinov2.config import ConfigError, load_config
+from dinov2.distributed.env import read_env
+from dinov2.distributed.plan import format_plan
+from dinov2.launch.run import plan_shapes, train
+from dinov2.train.checkpoint import CheckpointError
+from dinov2.train.trainer import NonFiniteLossError
 
 EXAMPLE = "dinov2-train --config configs/train/demo.yaml train.output_dir=outputs/demo optim.epochs=5"
 
@@ -44,8 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_plan(args: argparse.Namespace, cfg) -> int:
-    from dinov2.distributed.plan import format_plan
-
     try:
         if args.world_size < 1 or args.gpus_per_node < 1 or args.gpu_memory_gib <= 0:
             raise ConfigError("--world-size, --gpus-per-node and --gpu-memory-gib must be positive")
@@ -55,7 +58,9 @@ def run_plan(args: argparse.Namespace, cfg) -> int:
             raise ConfigError(f"--batch-sizes {args.batch_sizes!r}: give integers separated by commas") from None
         if any(b < 1 for b in sizes):
             raise ConfigError("--batch-sizes must be positive")
-        text, _ = format_plan(cfg, args.world_size, args.gpus_per_node, args.gpu_memory_gib, sizes, args.config)
+        text, _ = format_plan(
+            cfg, plan_shapes(cfg), args.world_size, args.gpus_per_node, args.gpu_memory_gib, sizes, args.config
+        )
     except ConfigError as e:
         print(f"dinov2-train: error: {e}", file=sys.stderr)
         return 2
@@ -82,10 +87,6 @@ def main(
         return 2
     if args.plan:
         return run_plan(args, cfg)
-    from dinov2.distributed.env import read_env
-    from dinov2.train.checkpoint import CheckpointError
-    from dinov2.train.trainer import NonFiniteLossError, train
-
     try:
         result = train(cfg)
     except ConfigError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dinov2.train.cli import main as train_main
+from dinov2.launch.train_cli import main as train_main
 
 DESCRIPTION = (
     "Distil a student ViT from a frozen teacher (ours, timm or HF DINOv2 weights): dinov2-train with "

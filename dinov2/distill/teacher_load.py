@@ -23,8 +23,11 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 from dinov2.config import Config
+from dinov2.distill.meta_arch import find_run_checkpoint, teacher_run_config
 from dinov2.distributed.meta_init import on_meta
 from dinov2.distributed.parallelize import mixed_precision_policy, network_sharding, shard_network
+from dinov2.models import build_backbone
+from dinov2.train.meta_arch import Network, build_heads
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +37,10 @@ TEACHER_PREFIX = "teacher."
 def load_teacher_sharded(cfg: Config, mesh: DeviceMesh, device: torch.device):
     """The frozen teacher, sharded over ``mesh`` and loaded shard by shard, when
     ``distill.teacher_checkpoint`` is a run of ours; None otherwise (the caller loads it whole)."""
-    from dinov2.distill.meta_arch import _find_run_checkpoint, teacher_run_config
-    from dinov2.models import build_backbone
-    from dinov2.train.meta_arch import Network, build_heads
-
     source = Path(cfg.distill.teacher_checkpoint)
     if not str(cfg.distill.teacher_checkpoint) or not source.is_dir():
         return None
-    run_ckpt = _find_run_checkpoint(source)
+    run_ckpt = find_run_checkpoint(source)
     if run_ckpt is None:
         return None
     teacher_cfg = teacher_run_config(cfg, run_ckpt)
