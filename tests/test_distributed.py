@@ -36,7 +36,7 @@ from dinov2.distributed.env import (
     shutdown_distributed,
     slurm_rendezvous,
 )
-from dinov2.distributed.parallelize import clip_grad_norm, parallelize
+from dinov2.distributed.parallelize import clip_grad_norm, is_checkpointed, parallelize
 from dinov2.distributed.stop import StopRequest
 from dinov2.launch.run import build_meta_arch, train
 from dinov2.train.checkpoint import CheckpointManager
@@ -148,8 +148,8 @@ def test_fsdp_world_size_one_matches_plain_model_and_clips_globally(tmp_path):
         sharded = build_meta_arch(cfg, torch.device("cpu"))
         sharded.load_state_dict(state)
         parallelize(sharded, cfg.distributed, env)
-        assert [b.checkpoint_activations for b in sharded.student.backbone.blocks] == [True, False]
-        assert not any(b.checkpoint_activations for b in sharded.teacher.backbone.blocks)
+        assert [is_checkpointed(b) for b in sharded.student.backbone.blocks] == [True, False]
+        assert not any(is_checkpointed(b) for b in sharded.teacher.backbone.blocks)
         sharded.train()
         sharded_loss = sharded(batch, teacher_temp=0.04).loss
         sharded_loss.backward()
@@ -161,6 +161,54 @@ def test_fsdp_world_size_one_matches_plain_model_and_clips_globally(tmp_path):
     for name, p in plain.student.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode, recomputed", [("selective", [0, 2]), ("full", [0, 1, 2])])
+def test_activation_checkpointing_recomputes_its_blocks_and_changes_no_gradient(monkeypatch, mode, recomputed):
+    """A tiny ViT (packed global + local crops, efficient stochastic depth) with its blocks' forwards
+    wrapped by ``apply_activation_checkpointing``: the chosen blocks run their forward a second time in
+    backward, the gradients are bit-identical to the unwrapped model's (the recomputation replays the
+    RNG, so it drops the same samples), the parameter names and ``state_dict`` keys are unchanged, and
+    ``none`` removes the wrappers again."""
+    from dinov2.distributed.parallelize import apply_activation_checkpointing
+    from dinov2.layers.block import Block
+    from dinov2.models import create_vit
+
+    torch.manual_seed(0)
+    vit = create_vit(
+        "vit_small", embed_dim=32, depth=3, num_heads=2, patch_size=4, img_size=16, layerscale_init=0.5,
+        drop_path_rate=0.4, drop_path_mode="efficient",
+    ).train()  # fmt: skip
+    crops = [torch.randn(4, 3, 16, 16), torch.randn(6, 3, 8, 8)]
+    runs: list[int] = []
+    forward = Block.forward
+
+    def counted(self, *args, **kwargs):
+        runs.append(next(i for i, b in enumerate(vit.blocks) if b is self))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Block, "forward", counted)
+
+    def grads() -> dict[str, torch.Tensor]:
+        vit.zero_grad(set_to_none=True)
+        runs.clear()
+        torch.manual_seed(1)  # the same stochastic-depth draws
+        outs = vit(crops)
+        sum((o["cls"] ** 2).mean() + o["patch"].sin().mean() for o in outs).backward()
+        return {n: p.grad.clone() for n, p in vit.named_parameters() if p.grad is not None}
+
+    keys = list(vit.state_dict())
+    plain = grads()
+    assert runs == [0, 1, 2]
+    apply_activation_checkpointing(vit, mode)
+    checkpointed = grads()
+    assert sorted(runs) == sorted([0, 1, 2] + recomputed)
+    assert list(vit.state_dict()) == keys and list(checkpointed) == list(plain)
+    for name, grad in plain.items():
+        assert torch.equal(checkpointed[name], grad), name
+    apply_activation_checkpointing(vit, "none")
+    grads()
+    assert runs == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------- 2 ranks vs 1, DCP at 1/2/3

@@ -3,7 +3,9 @@
 :func:`parallelize` prepares the student and the teacher of a meta-architecture in place:
 
 1. activation checkpointing on the student's blocks (``full``: every block; ``selective``: every
-   second block — half the recomputation for about half the saving; the teacher never needs it);
+   second block — half the recomputation for about half the saving; the teacher never needs it):
+   each chosen block's ``forward`` is wrapped in ``torch.utils.checkpoint.checkpoint``
+   (:func:`apply_activation_checkpointing`; the block itself knows nothing about it);
 2. the attention backend of every backbone resolved on its device (probed once, here, so that no
    compiled or checkpointed block ever probes or mutates the backend memo — dynamo would run it
    eagerly for good);
@@ -31,12 +33,14 @@ of the global-batch mean. :func:`clip_grad_norm` clips by the norm over all shar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import get_args
+from types import MethodType
+from typing import Any, get_args
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from dinov2.config import ActivationCheckpointing, DistributedConfig
 from dinov2.distributed.env import DistEnv
@@ -67,20 +71,50 @@ def should_shard(cfg: DistributedConfig, env: DistEnv) -> bool:
     return cfg.fsdp or env.distributed
 
 
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward of a checkpointed block: its class's ``forward`` under
+    ``torch.utils.checkpoint.checkpoint`` (non-reentrant) when training with gradients, plainly
+    otherwise. The activations inside the block are recomputed in backward; the RNG state is replayed,
+    so the recomputation draws the same stochastic-depth subset. Under ``torch.compile`` dynamo traces
+    the checkpoint as a higher-order op inside the block's graph (no graph break)."""
+    forward = type(self).forward
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
+def is_checkpointed(block: nn.Module) -> bool:
+    """Whether :func:`apply_activation_checkpointing` wrapped ``block``'s forward."""
+    forward = block.__dict__.get("forward")
+    return isinstance(forward, MethodType) and forward.__func__ is _checkpointed_forward
+
+
 def apply_activation_checkpointing(backbone: nn.Module, mode: str) -> None:
-    """Mark ``backbone.blocks`` for recomputation in backward (``Block.checkpoint_activations``)."""
+    """Recompute the activations of ``backbone.blocks`` in backward: ``full``, every block;
+    ``selective``, blocks 0, 2, 4, …; ``none``, no block. Applying a mode replaces the previous one.
+
+    The wrapper is an instance-level ``forward`` (:func:`_checkpointed_forward` bound to the block),
+    which ``nn.Module.__call__`` — and ``Module.compile``'s compiled call — finds before the class's.
+    Not a wrapper module (torchtitan's ``checkpoint_wrapper``, from a private torch module): that would
+    insert ``_checkpoint_wrapped_module`` into every parameter name, and the names are what the
+    checkpoints, the exports, the optimizer's parameter groups and the teacher/student pairing read;
+    here the module tree, parameter names and ``state_dict`` keys stay exactly those of the unwrapped
+    model. The block's hooks (FSDP2's all-gather, forward hooks) still run around the checkpointed
+    forward, and ``copy.deepcopy`` rebinds the wrapper to the copy."""
     if mode not in AC_MODES:
         raise ValueError(f"unknown distributed.activation_checkpointing '{mode}' (choose from {', '.join(AC_MODES)})")
     for i, block in enumerate(backbone.blocks):
-        block.checkpoint_activations = mode == "full" or (mode == "selective" and i % 2 == 0)
+        block.__dict__.pop("forward", None)
+        if mode == "full" or (mode == "selective" and i % 2 == 0):
+            block.forward = MethodType(_checkpointed_forward, block)
 
 
 def block_kind(block: nn.Module) -> tuple:
     """What a compiled block's graph is specialised on besides its input layout: its class, parameter
     shapes, stochastic depth and checkpointing (blocks of one kind share one graph)."""
     shapes = tuple(tuple(p.shape) for p in block.parameters())
-    attrs = tuple(getattr(block, a, None) for a in ("drop_path", "drop_path_mode", "checkpoint_activations"))
-    return (type(block).__qualname__, shapes, attrs, block.training)
+    attrs = tuple(getattr(block, a, None) for a in ("drop_path", "drop_path_mode"))
+    return (type(block).__qualname__, shapes, attrs, is_checkpointed(block), block.training)
 
 
 def compile_blocks(networks: Sequence[nn.Module]) -> int:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from dinov2.layers.attention import Attention, AttentionDispatcher, AttentionMeta, Layout, Seqs, layout
 from dinov2.layers.layer_scale import LayerScale
@@ -42,7 +40,6 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
         self.drop_path = drop_path
         self.drop_path_mode = drop_path_mode
-        self.checkpoint_activations = False  # set by dinov2.distributed.parallelize
 
     def attention_layout(self, seqs: Seqs) -> Layout:
         """The packed layout this block's attention sees for input layout ``seqs`` (a stochastic-depth
@@ -59,14 +56,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, seqs: Seqs, meta: AttentionMeta | None = None) -> Tensor:
         """``meta``: the attention backend's per-layout metadata, prepared once per forward by the
-        backbone (:func:`dinov2.layers.attention.prepare_attention`); None builds it here if needed."""
-        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-            # recompute this block's activations in backward (the RNG state is replayed, so the same
-            # stochastic-depth subset is drawn again)
-            return checkpoint(self._forward, x, seqs, meta, use_reentrant=False)
-        return self._forward(x, seqs, meta)
+        backbone (:func:`dinov2.layers.attention.prepare_attention`); None builds it here if needed.
+        (Activation checkpointing wraps this from outside: ``dinov2.distributed.parallelize``.)"""
 
-    def _forward(self, x: Tensor, seqs: Seqs, meta: AttentionMeta | None) -> Tensor:
         def attn_branch(t: Tensor, s: Seqs) -> Tensor:
             return self.attn_branch(t, s, meta)
 
