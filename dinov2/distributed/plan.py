@@ -102,7 +102,7 @@ def build_shapes(cfg: Config) -> list[NetworkShapes]:
         def build():
             tcfg = _teacher_config(cfg)
             backbone = build_backbone(tcfg.model)
-            heads = build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, cfg.loss.ibot_separate_head)
+            heads = build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head)
             return DistillMetaArch(cfg, Network(backbone, heads))
 
         return network_shapes(on_meta(build))
@@ -137,7 +137,7 @@ def state_bytes(nets: list[NetworkShapes], cfg: Config, shards: int, index: int 
     )
     buffers = 0
     if cfg.train.objective != "copy_detection" and cfg.loss.centering == "softmax":
-        ibot_dim = cfg.ibot_head.out_dim if cfg.loss.ibot_separate_head else cfg.dino_head.out_dim
+        ibot_dim = cfg.ibot_loss_head().out_dim
         buffers = 4 * (cfg.dino_head.out_dim + ibot_dim)
     return StateBytes(
         student_params=4 * student,
@@ -192,7 +192,7 @@ def head_activation_bytes(cfg: Config, batch: int) -> int:
     ratio = sum(cfg.data.masks.mask_ratio_min_max) / 2
     masked = 2 * batch * cfg.data.masks.mask_probability * ratio * patches
     k_dino = cfg.dino_head.out_dim
-    k_ibot = cfg.ibot_head.out_dim if cfg.loss.ibot_separate_head else k_dino
+    k_ibot = cfg.ibot_loss_head().out_dim
     student = (2 + crops.local_crops_number) * batch * k_dino * 10 + masked * k_ibot * 10
     teacher = 2 * batch * k_dino * 8 + masked * k_ibot * 8
     return int(student + teacher)
