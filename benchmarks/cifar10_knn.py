@@ -49,9 +49,6 @@ TINY = [  # a ViT that trains for a few seconds on a CPU core
     "dino_head.out_dim=1024",
     "dino_head.hidden_dim=256",
     "dino_head.bottleneck_dim=64",
-    "ibot_head.out_dim=1024",
-    "ibot_head.hidden_dim=256",
-    "ibot_head.bottleneck_dim=64",
 ]
 TINY_TRAIN, TINY_TEST = 2000, 1000  # class-balanced subsets (the blobs are sorted by class)
 COLUMNS = [

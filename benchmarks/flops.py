@@ -88,7 +88,7 @@ def ssl_step_flops(cfg: Any, batch_size: int, n_masked: int) -> int:
     local_group = (c.local_crops_number * batch_size, c.local_crops_size)
     student_groups = [global_group] + ([local_group] if c.local_crops_number else [])
     cls_rows = (2 + c.local_crops_number) * batch_size
-    ibot_cfg = cfg.ibot_head if cfg.loss.ibot_separate_head else cfg.dino_head
+    ibot_cfg = cfg.ibot_loss_head()
 
     def heads(rows_cls: int) -> int:
         return head_forward_flops(cfg.dino_head, d, rows_cls) + head_forward_flops(ibot_cfg, d, n_masked)

@@ -78,9 +78,6 @@ TINY = [  # a model and crops that step in milliseconds on a CPU core (the recip
     "dino_head.out_dim=128",
     "dino_head.hidden_dim=64",
     "dino_head.bottleneck_dim=32",
-    "ibot_head.out_dim=128",
-    "ibot_head.hidden_dim=64",
-    "ibot_head.bottleneck_dim=32",
 ]
 TINY_LOADER = [  # --tiny --loader: the package's demo images (no files needed), drawn at 16 px
     "data.dataset.kind=demo",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import StrEnum
@@ -206,7 +208,6 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
-    ibot_separate_head: bool = False
 
 
 # ------------------------------------------------------------------------------- copy detection
@@ -394,7 +395,9 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dino_head: HeadConfig = field(default_factory=HeadConfig)
-    ibot_head: HeadConfig = field(default_factory=HeadConfig)
+    # None: the iBOT loss uses the DINO head (one head, as the reference's ibot.separate_head: false); a
+    # head: a separate iBOT head of these sizes (the reference's vitl14 / vitg14)
+    ibot_head: HeadConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -404,21 +407,44 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     copy_detection: CopyDetectionConfig = field(default_factory=CopyDetectionConfig)
 
+    def ibot_loss_head(self) -> HeadConfig:
+        """The head whose prototypes the iBOT loss compares: ``ibot_head``, or the DINO head when shared."""
+        return self.dino_head if self.ibot_head is None else self.ibot_head
+
 
 # --------------------------------------------------------------------------------------------- loading
+#: keys of older versions, and what replaced them: named when a config still sets one
+REPLACED_KEYS = {
+    "loss.ibot_separate_head": "ibot_head (null: the iBOT loss uses the DINO head; a head block: a separate iBOT head)",
+}
+
+
+def _nested_schema(hint: Any) -> type | None:
+    """The dataclass a field of type ``hint`` holds (``HeadConfig`` or ``HeadConfig | None``), or None."""
+    if isinstance(hint, type) and is_dataclass(hint):
+        return hint
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        nested = [t for t in typing.get_args(hint) if isinstance(t, type) and is_dataclass(t)]
+        return nested[0] if len(nested) == 1 else None
+    return None
+
+
 def _all_keys(schema: Any, prefix: str = "") -> list[str]:
     out: list[str] = []
+    hints = typing.get_type_hints(schema)
     for f in fields(schema):
         key = f"{prefix}{f.name}"
         out.append(key)
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        if is_dataclass(default):
-            out.extend(_all_keys(type(default), key + "."))
+        nested = _nested_schema(hints[f.name])
+        if nested is not None:
+            out.extend(_all_keys(nested, key + "."))
     return out
 
 
 def _unknown_key_error(schema: type, err: Exception, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or str(err).split("\n")[0]
+    if key in REPLACED_KEYS:
+        return ConfigError(f"{key} (in {source}) was replaced by {REPLACED_KEYS[key]}")
     valid = _all_keys(schema)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if not close:  # try the last component only
@@ -427,6 +453,16 @@ def _unknown_key_error(schema: type, err: Exception, source: str) -> ConfigError
         close = [k for k in valid if close and k.endswith("." + close[0]) or k == (close or [""])[0]][:1]
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def _merge(cfg: DictConfig, layer: DictConfig, schema: type, source: str) -> DictConfig:
+    """``layer`` merged onto ``cfg``; an unknown key or a bad value is a ConfigError naming ``source``."""
+    try:
+        return OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        raise _unknown_key_error(schema, e, source) from None
+    except ValidationError as e:
+        raise ConfigError(f"bad value in {source}: {str(e).splitlines()[0]}") from None
 
 
 def load_config(
@@ -439,12 +475,7 @@ def load_config(
     OmegaConf.set_struct(cfg, True)
     if path is not None:
         for layer_path, layer in _yaml_chain(Path(path)):
-            try:
-                cfg = OmegaConf.merge(cfg, layer)
-            except (ConfigKeyError, ConfigAttributeError) as e:
-                raise _unknown_key_error(schema, e, str(layer_path)) from None
-            except ValidationError as e:
-                raise ConfigError(f"bad value in {layer_path}: {str(e).splitlines()[0]}") from None
+            cfg = _merge(cfg, layer, schema, str(layer_path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -455,6 +486,24 @@ def load_config(
         except ValidationError as e:
             raise ConfigError(f"bad value in override '{item}': {str(e).splitlines()[0]}") from None
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def load_run_config(path: str | Path) -> Config:
+    """The configuration a run saved (its ``config.yaml``, or an export's, as :func:`to_yaml` wrote it), with
+    the keys of older versions read as what replaced them. A saved file holds every key, so the translation
+    is exact: ``loss.ibot_separate_head: true`` keeps the file's ``ibot_head`` block, ``false`` makes it null.
+    A file with ``_base_`` is a preset, not a saved run: it loads as :func:`load_config` loads it."""
+    path = resolve_config_path(path)
+    layer = OmegaConf.load(path)
+    if not isinstance(layer, DictConfig) or "_base_" in layer:
+        return load_config(path)
+    loss = layer.get("loss")
+    if isinstance(loss, DictConfig) and "ibot_separate_head" in loss:
+        separate = loss.pop("ibot_separate_head")
+        layer["ibot_head"] = layer.get("ibot_head", {}) if separate else None
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    return OmegaConf.to_object(_merge(cfg, layer, Config, str(path)))  # type: ignore[return-value]
 
 
 def _yaml_chain(path: Path) -> list[tuple[Path, DictConfig]]:

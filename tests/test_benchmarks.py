@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
-from tiny_config import TINY_MODEL
+from tiny_config import SEPARATE_IBOT_HEAD, TINY_MODEL
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_cifar10_knn_tiny_cpu_prints_the_table_and_plots(tmp_path, bench, shared
     "overrides",
     [
         [],  # vits14 recipe: shared head, efficient stochastic depth
-        ["model.ffn_layer=swiglu", "model.num_register_tokens=2", "loss.ibot_separate_head=true"],
+        ["model.ffn_layer=swiglu", "model.num_register_tokens=2", *SEPARATE_IBOT_HEAD],
         ["model.drop_path_mode=classic", "model.drop_path_rate=0.3", "data.crops.local_crops_number=0"],
     ],
 )

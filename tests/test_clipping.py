@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from dinov2.launch.train_clipping import clip_gradients, clipped_modules
-from tiny_config import TINY
+from tiny_config import SEPARATE_IBOT_HEAD, TINY
 
 from dinov2.config import load_config
 from dinov2.models import create_vit
+from dinov2.train.clipping import clip_gradients, clipped_modules
 from dinov2.train.meta_arch import Network, build_heads
 
 
@@ -23,7 +23,7 @@ def _network(separate_ibot: bool = True) -> Network:
         [f"{h}.{k}={v}" for h in ("dino_head", "ibot_head") for k, v in (("out_dim", 8), ("hidden_dim", 8))]
         + ["dino_head.bottleneck_dim=4", "ibot_head.bottleneck_dim=4"],
     )
-    return Network(backbone, build_heads(16, cfg.dino_head, cfg.ibot_head, separate_ibot=separate_ibot))
+    return Network(backbone, build_heads(16, cfg.dino_head, cfg.ibot_head if separate_ibot else None))
 
 
 def _set_grads(network: Network, values: dict[str, float]) -> dict[str, float]:
@@ -99,7 +99,7 @@ def test_training_step_logs_each_module_norm_and_clips_each():
     from dinov2.train.schedules import ScheduleValues
     from dinov2.train.trainer import build_loader
 
-    cfg = load_config("train/demo", TINY + ["loss.ibot_separate_head=true", "optim.clip_grad=0.01"])
+    cfg = load_config("train/demo", TINY + SEPARATE_IBOT_HEAD + ["optim.clip_grad=0.01"])
     env = DistEnv()
     training = build_training(cfg, env, torch.device("cpu"))
     batch = next(iter(build_loader(cfg, env, torch.device("cpu"), 0)))

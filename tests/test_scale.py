@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import checkpoint_state
-from tiny_config import TINY
+from tiny_config import SEPARATE_IBOT_HEAD, TINY
 
 from dinov2.config import ConfigError, MeshConfig, load_config
 from dinov2.distributed.env import distributed_session
@@ -89,7 +89,7 @@ def test_keyed_init_follows_the_eager_distributions():
 
 
 def test_every_parameter_is_initialised_exactly_once():
-    cfg = load_config("train/demo", TINY + ["loss.ibot_separate_head=true", "model.num_register_tokens=2"])
+    cfg = load_config("train/demo", TINY + SEPARATE_IBOT_HEAD + ["model.num_register_tokens=2"])
     model = build_meta_arch(cfg, torch.device("cpu"))
     init = KeyedInit.for_module(0, model.student, "student")
     from dinov2.distributed.meta_init import init_network
@@ -136,7 +136,7 @@ def test_mesh_shape_defaults_and_errors():
 
 # -------------------------------------------------------------------------------------------- plan
 def test_plan_counts_every_parameter_of_the_real_model():
-    cfg = load_config("train/demo", TINY + ["loss.ibot_separate_head=true"])
+    cfg = load_config("train/demo", TINY + SEPARATE_IBOT_HEAD)
     nets = {n.name: n for n in plan_shapes(cfg)}
     model = build_meta_arch(cfg, torch.device("cpu"))
     for name, network in model.networks().items():

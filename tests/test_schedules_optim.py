@@ -68,7 +68,7 @@ def _network(depth=3):
         "vit_small", img_size=16, patch_size=4, embed_dim=16, depth=depth, num_heads=2, num_register_tokens=1
     )
     cfg = load_config(None, ["dino_head.out_dim=8", "dino_head.hidden_dim=8", "dino_head.bottleneck_dim=4"])
-    return Network(backbone, build_heads(16, cfg.dino_head, cfg.ibot_head, separate_ibot=False))
+    return Network(backbone, build_heads(16, cfg.dino_head, None))
 
 
 def test_layer_ids():
@@ -127,11 +127,11 @@ def test_frozen_last_layer_keeps_its_weights_but_adam_and_the_clip_norm_see_it()
     """The reference freezes the prototype layer by a zero lr for its group (dinov2 train/train.py
     last_layer_lr_schedule): its weights stay, its gradients still enter Adam's moments and the DINO
     head's clip norm (the old code dropped them: no Adam state, a smaller norm)."""
-    from dinov2.launch.train_clipping import clip_gradients
     from tiny_config import TINY
 
     from dinov2.distributed.env import DistEnv
     from dinov2.launch.run import build_training
+    from dinov2.train.clipping import clip_gradients
     from dinov2.train.schedules import ScheduleValues
     from dinov2.train.trainer import build_loader
 
@@ -176,7 +176,7 @@ def test_dino_head_init_is_the_reference_trunc_normal():
     assert v.abs().max().item() <= 1 / 16 and v.std().item() == pytest.approx(1 / 16 / math.sqrt(3), rel=0.02)
     fan_in = DINOHead(384, 512, hidden_dim=2048, bottleneck_dim=256, nlayers=3, mlp_init="fan_in")
     assert fan_in.mlp[0].weight.std().item() == pytest.approx(384**-0.5 * 0.88, rel=0.03)  # cut at 2 std
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["ibot_head.out_dim=8"])  # a separate iBOT head: the schema's defaults but K
     assert cfg.dino_head.mlp_init == cfg.ibot_head.mlp_init == "trunc_normal"
     with pytest.raises(ValueError, match="mlp_init"):
         DINOHead(8, 8, mlp_init="xavier")

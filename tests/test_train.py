@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from test_data import expected_skips
-from tiny_config import TINY
+from tiny_config import SEPARATE_IBOT_HEAD, TINY
 
 from dinov2.config import load_config
 from dinov2.data import build_train_loader
@@ -96,7 +96,7 @@ def test_missing_dataset_path_is_a_one_line_error(tmp_path):
 def test_batch_without_masked_patches_keeps_the_ibot_head_in_the_graph():
     """A rank whose batch has no masked patch still logs an iBOT term (0) and gives the separate iBOT
     head (zero) gradients: under FSDP every rank must run the same collectives and log the same keys."""
-    cfg = load_config("train/demo", TINY + ["data.masks.mask_probability=0", "loss.ibot_separate_head=true"])
+    cfg = load_config("train/demo", TINY + SEPARATE_IBOT_HEAD + ["data.masks.mask_probability=0"])
     torch.manual_seed(0)
     model = SSLMetaArch(cfg).train()
     batch = next(iter(build_train_loader(cfg.data, cfg.model.patch_size)))

@@ -112,7 +112,7 @@ def _reference(model: SSLMetaArch, batch: dict, centres: dict | None, ibot_norma
     with torch.no_grad():
         t = model.teacher.backbone(batch["global_crops"])
         t_cls, t_masked = t["cls"], t["patch"][masks]  # (2B, D), (M, D) image by image, patch by patch
-        head = model.teacher.dino_head  # shared DINO / iBOT head (loss.ibot_separate_head=false)
+        head = model.teacher.dino_head  # shared DINO / iBOT head (ibot_head: null)
         dino_t = _targets(model, head(t_cls), centres and centres["dino"], TEACHER_TEMP)
         ibot_t = _targets(model, head(t_masked), centres and centres["ibot"], TEACHER_TEMP)
         # the student, one group at a time (packing is checked against this in test_models.py)

@@ -11,9 +11,14 @@ TINY_MODEL = [
     "dino_head.out_dim=64",
     "dino_head.hidden_dim=32",
     "dino_head.bottleneck_dim=16",
+]
+
+# a separate iBOT head (the configs above share the DINO head): TINY's DINO head sizes and init
+SEPARATE_IBOT_HEAD = [
     "ibot_head.out_dim=64",
     "ibot_head.hidden_dim=32",
     "ibot_head.bottleneck_dim=16",
+    "ibot_head.mlp_init=fan_in",
 ]
 
 TINY_DATA = [

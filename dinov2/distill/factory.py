@@ -26,7 +26,7 @@ class DistillFactory(ModelFactory):
     def skeleton(self, cfg: Config) -> DistillMetaArch:
         def build() -> DistillMetaArch:
             backbone = build_backbone(teacher_config(cfg).model)
-            heads = build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, cfg.loss.ibot_separate_head)
+            heads = build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head)
             return DistillMetaArch(cfg, Network(backbone, heads))
 
         return on_meta(build)

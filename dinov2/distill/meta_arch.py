@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dinov2.config import Config, ConfigError, load_config
+from dinov2.config import Config, ConfigError, load_run_config
 from dinov2.interop import load_pretrained_backbone
 from dinov2.models import build_backbone
 from dinov2.train.checkpoint import CheckpointManager
@@ -62,7 +62,7 @@ class DistillMetaArch(SSLMetaArch):
             backbone = build_backbone(extra.model)
             self.extra_students[extra.name] = Network(
                 backbone,
-                build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, cfg.loss.ibot_separate_head),
+                build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head),
             )
         for name, student in self.trained_networks().items():
             if teacher.backbone.patch_size != student.backbone.patch_size:
@@ -109,7 +109,7 @@ def teacher_run_config(cfg: Config, run_ckpt: Path) -> Config:
     teacher_cfg = teacher_config(cfg)
     run_config = run_ckpt.parent.parent / "config.yaml"
     if run_config.is_file():
-        teacher_cfg = load_config(run_config)
+        teacher_cfg = load_run_config(run_config)
     if teacher_cfg.dino_head.out_dim != cfg.dino_head.out_dim:
         raise ValueError(
             f"the teacher run has {teacher_cfg.dino_head.out_dim} prototypes but dino_head.out_dim is "
@@ -183,7 +183,7 @@ def load_teacher(cfg: Config) -> Network:
         backbone = load_pretrained_backbone(source, layout=cfg.distill.teacher_format, model_cfg=teacher_cfg.model)
         generator_state = torch.get_rng_state()
         torch.manual_seed(cfg.distill.head_seed)
-        heads = build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, cfg.loss.ibot_separate_head)
+        heads = build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head)
         torch.set_rng_state(generator_state)
         logger.info(
             "distillation teacher: backbone from %s, heads made (seed %d) and frozen", source, cfg.distill.head_seed

@@ -47,9 +47,7 @@ def load_teacher_sharded(cfg: Config, mesh: DeviceMesh, device: torch.device):
 
     def build() -> Network:
         backbone = build_backbone(teacher_cfg.model)
-        heads = build_heads(
-            backbone.embed_dim, teacher_cfg.dino_head, teacher_cfg.ibot_head, teacher_cfg.loss.ibot_separate_head
-        )
+        heads = build_heads(backbone.embed_dim, teacher_cfg.dino_head, teacher_cfg.ibot_head)
         return Network(backbone, heads)
 
     teacher = on_meta(build)

@@ -113,7 +113,7 @@ def state_bytes(nets: list[NetworkShapes], cfg: Config, shards: int, index: int 
     )
     buffers = 0
     if cfg.train.objective != "copy_detection" and cfg.loss.centering == "softmax":
-        ibot_dim = cfg.ibot_head.out_dim if cfg.loss.ibot_separate_head else cfg.dino_head.out_dim
+        ibot_dim = cfg.ibot_loss_head().out_dim
         buffers = 4 * (cfg.dino_head.out_dim + ibot_dim)
     return StateBytes(
         student_params=4 * student,
@@ -168,7 +168,7 @@ def head_activation_bytes(cfg: Config, batch: int) -> int:
     ratio = sum(cfg.data.masks.mask_ratio_min_max) / 2
     masked = 2 * batch * cfg.data.masks.mask_probability * ratio * patches
     k_dino = cfg.dino_head.out_dim
-    k_ibot = cfg.ibot_head.out_dim if cfg.loss.ibot_separate_head else k_dino
+    k_ibot = cfg.ibot_loss_head().out_dim
     student = (2 + crops.local_crops_number) * batch * k_dino * 10 + masked * k_ibot * 10
     teacher = 2 * batch * k_dino * 8 + masked * k_ibot * 8
     return int(student + teacher)

@@ -144,14 +144,14 @@ def load_backbone(
 
     ``config`` defaults to ``config.yaml`` next to the weights file.
     """
-    from dinov2.config import load_config
+    from dinov2.config import load_run_config
     from dinov2.models import build_backbone
 
     weights = find_weights(checkpoint)
     config_path = Path(config) if config is not None else config_of(weights)
     if not config_path.is_file():
         raise FileNotFoundError(f"no training config at {config_path} (pass --config to point at one)")
-    cfg = load_config(config_path)
+    cfg = load_run_config(config_path)
     backbone = build_backbone(cfg.model)
     if is_training_checkpoint(weights):
         read_checkpoint_backbone(weights, backbone, cfg)

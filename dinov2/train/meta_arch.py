@@ -24,12 +24,14 @@ from dinov2.models import DinoVisionTransformer, build_backbone
 from dinov2.train.export import Export
 
 
-def build_heads(embed_dim: int, dino: HeadConfig, ibot: HeadConfig, separate_ibot: bool) -> nn.ModuleDict:
+def build_heads(embed_dim: int, dino: HeadConfig, ibot: HeadConfig | None) -> nn.ModuleDict:
+    """The DINO head, and the iBOT head when ``ibot`` is given (None: the iBOT loss uses the DINO head)."""
+
     def head(c: HeadConfig) -> DINOHead:
         return DINOHead(embed_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.nlayers, mlp_init=c.mlp_init)
 
     heads = nn.ModuleDict({"dino_head": head(dino)})
-    if separate_ibot:
+    if ibot is not None:
         heads["ibot_head"] = head(ibot)
     return heads
 
@@ -64,15 +66,13 @@ class SSLMetaArch(nn.Module):
         super().__init__()
         loss_cfg: LossConfig = cfg.loss
         backbone = build_backbone(cfg.model)
-        self.student = Network(
-            backbone, build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head, loss_cfg.ibot_separate_head)
-        )
+        self.student = Network(backbone, build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head))
         if teacher is None:
             teacher = copy.deepcopy(self.student)
         self.teacher = teacher
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        ibot_dim = cfg.ibot_head.out_dim if loss_cfg.ibot_separate_head else cfg.dino_head.out_dim
+        ibot_dim = cfg.ibot_loss_head().out_dim
         self.dino_center = Centering(
             cfg.dino_head.out_dim, loss_cfg.centering, loss_cfg.center_momentum, loss_cfg.sk_iterations
         )

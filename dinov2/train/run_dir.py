@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dinov2.config import Config, ConfigError, load_config, to_yaml, validate
+from dinov2.config import Config, ConfigError, load_run_config, to_yaml, validate
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ CONFIG_NAME = "config.yaml"
 RUN_KEYS = (
     "model.",
     "dino_head.",
-    "ibot_head.",
+    "ibot_head",  # null (shared with the DINO head) or its sizes
     "data.dataset.",
     "train.objective",
     "distill.enabled",
@@ -61,7 +61,7 @@ def check_run_dir(cfg: Config) -> None:
     if not path.is_file():
         return
     try:
-        old = load_config(path)
+        old = load_run_config(path)
     except ConfigError as e:
         where = cfg.train.output_dir
         raise ConfigError(f"train.output_dir={where} holds a config.yaml that does not load ({e})") from None
