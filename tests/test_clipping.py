@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from dinov2.launch.train_clipping import clip_gradients, clipped_modules
+from dinov2.train.clipping import clip_gradients, clipped_modules
 from tiny_config import TINY
 
 from dinov2.config import load_config
