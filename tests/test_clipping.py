@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from dinov2.train.clipping import clip_gradients, clipped_modules
 from tiny_config import TINY
 
 from dinov2.config import load_config
 from dinov2.models import create_vit
+from dinov2.train.clipping import clip_gradients, clipped_modules
 from dinov2.train.meta_arch import Network, build_heads
 
 

@@ -127,11 +127,11 @@ def test_frozen_last_layer_keeps_its_weights_but_adam_and_the_clip_norm_see_it()
     """The reference freezes the prototype layer by a zero lr for its group (dinov2 train/train.py
     last_layer_lr_schedule): its weights stay, its gradients still enter Adam's moments and the DINO
     head's clip norm (the old code dropped them: no Adam state, a smaller norm)."""
-    from dinov2.train.clipping import clip_gradients
     from tiny_config import TINY
 
     from dinov2.distributed.env import DistEnv
     from dinov2.launch.run import build_training
+    from dinov2.train.clipping import clip_gradients
     from dinov2.train.schedules import ScheduleValues
     from dinov2.train.trainer import build_loader
 
