@@ -148,9 +148,9 @@ def _teacher_config(cfg: Config) -> Config:
 
 def _find_run_checkpoint(path: Path) -> Path | None:
     """A DCP checkpoint directory of ours at or under ``path`` (the newest), or None."""
-    from dinov2.train.checkpoint import CheckpointManager
+    from dinov2.train.checkpoint import CheckpointManager, is_checkpoint
 
-    if (path / "meta.json").is_file() and path.name.startswith("ckpt_"):
+    if is_checkpoint(path):
         return path
     for candidate in (path / "checkpoints", path):
         latest = CheckpointManager(candidate).latest() if candidate.is_dir() else None

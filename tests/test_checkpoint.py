@@ -1,0 +1,102 @@
+"""The checkpoint layout: one DCP save of model, optimizer, progress and RNG; the earlier layout still resumes.
+
+(Resume exactness end to end: test_resume.py, test_distributed.py, test_scale.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+from dinov2.train.checkpoint import CheckpointError, CheckpointManager, read_progress, saved_keys
+
+
+def _trained() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A two-layer model after one AdamW step in which only the first layer had a gradient (the second
+    stands for the frozen prototype layer: it has no optimizer state)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model[0](torch.randn(5, 3)).square().sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def _assert_same(a: tuple[nn.Module, torch.optim.Optimizer], b: tuple[nn.Module, torch.optim.Optimizer]) -> None:
+    for (key, x), y in zip(a[0].state_dict().items(), b[0].state_dict().values(), strict=True):
+        assert torch.equal(x, y), key
+    sa, sb = a[1].state_dict()["state"], b[1].state_dict()["state"]
+    assert sorted(sa) == sorted(sb) == [0, 1]  # the second layer stays state-less
+    for index in sa:
+        for field in sa[index]:
+            assert torch.equal(sa[index][field], sb[index][field]), (index, field)
+
+
+def test_one_dcp_save_holds_model_optimizer_progress_and_rng(tmp_path):
+    saved = _trained()
+    path = CheckpointManager(tmp_path).save(7, *saved, sample_position=56)
+    expected_draw = torch.rand(4)  # the generator as saved, one draw on
+    assert path == tmp_path / "ckpt_00000007"
+    assert {p.name for p in path.iterdir()} == {".metadata", "__0_0.distcp"}  # nothing beside the DCP save
+    keys = saved_keys(path)
+    assert {"model.0.weight", "model.1.bias", "optimizer.state.0.weight.exp_avg"} <= keys
+    assert not any(k.startswith("optimizer.state.1.") for k in keys)
+    assert {k for k in keys if k.startswith(("progress.", "rng."))} == {
+        "progress.iteration",
+        "progress.sample_position",
+        "progress.world_size",
+        "rng.rank0.cpu",
+    }
+    assert read_progress(path) == {"iteration": 7, "sample_position": 56, "world_size": 1}
+
+    resumed = _fresh()
+    state = CheckpointManager(tmp_path).resume(*resumed)
+    assert (state.iteration, state.sample_position, state.world_size, state.path) == (7, 56, 1, path)
+    _assert_same(saved, resumed)
+    assert torch.equal(torch.rand(4), expected_draw)
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes(tmp_path):
+    """The layout written up to commit 12f1ab0: DCP {model, optimizer} + meta.json + rng_rank{r}.pt."""
+    saved = _trained()
+    path = tmp_path / "ckpt_00000003"
+    state = {"model": get_model_state_dict(saved[0]), "optimizer": get_optimizer_state_dict(*saved)}
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save(state, checkpoint_id=path)
+    torch.save({"cpu": torch.get_rng_state()}, path / "rng_rank0.pt")
+    (path / "meta.json").write_text(json.dumps({"iteration": 3, "sample_position": 24, "world_size": 1}))
+    expected_draw = torch.rand(4)
+
+    resumed = _fresh()
+    state = CheckpointManager(tmp_path).resume(*resumed)
+    assert (state.iteration, state.sample_position, state.world_size, state.path) == (3, 24, 1, path)
+    _assert_same(saved, resumed)
+    assert torch.equal(torch.rand(4), expected_draw)
+
+
+def test_a_save_with_neither_progress_entry_nor_meta_json_is_rejected_by_name(tmp_path):
+    model, optimizer = _trained()
+    path = tmp_path / "ckpt_00000002"
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=path)
+    with pytest.raises(CheckpointError, match=r"ckpt_00000002 \(CheckpointError: .* no progress entry .* no meta.json"):
+        CheckpointManager(tmp_path).resume(*_fresh())
+
+
+def test_keep_last_prunes_the_oldest(tmp_path):
+    model, optimizer = _trained()
+    manager = CheckpointManager(tmp_path, keep=2)
+    for iteration in (1, 2, 3):
+        manager.save(iteration, model, optimizer, sample_position=8 * iteration)
+    assert [p.name for p in manager.complete()] == ["ckpt_00000002", "ckpt_00000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000002", "ckpt_00000003"]  # no .tmp left
