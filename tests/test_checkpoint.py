@@ -100,3 +100,27 @@ def test_keep_last_prunes_the_oldest(tmp_path):
         manager.save(iteration, model, optimizer, sample_position=8 * iteration)
     assert [p.name for p in manager.complete()] == ["ckpt_00000002", "ckpt_00000003"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000002", "ckpt_00000003"]  # no .tmp left
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only machine's view of a GPU run's checkpoint")
+def test_a_checkpoint_with_a_cuda_generator_resumes_on_a_cpu_only_machine(tmp_path):
+    """A GPU run also saves ``rng.rank{r}.cuda``; without CUDA only the CPU generator is read back."""
+    saved = _trained()
+    path = tmp_path / "ckpt_00000004"
+    progress = {"iteration": 4, "sample_position": 32, "world_size": 1}
+    cuda_state = torch.arange(16, dtype=torch.uint8)  # stands for torch.cuda.get_rng_state()
+    state = {
+        "model": get_model_state_dict(saved[0]),
+        "optimizer": get_optimizer_state_dict(*saved),
+        "progress": {k: torch.tensor(v) for k, v in progress.items()},
+        "rng": {"rank0": {"cpu": torch.get_rng_state(), "cuda": cuda_state}},
+    }
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.save(state, checkpoint_id=path)
+    assert "rng.rank0.cuda" in saved_keys(path)
+    expected_draw = torch.rand(4)
+
+    resumed = _fresh()
+    assert CheckpointManager(tmp_path).resume(*resumed).iteration == 4
+    _assert_same(saved, resumed)
+    assert torch.equal(torch.rand(4), expected_draw)

@@ -315,7 +315,9 @@ class CheckpointManager:
             dcp.load(state, checkpoint_id=path)
         if rng_applies and legacy:
             set_rng_state(torch.load(rng_file, weights_only=True))
-        if restore_rng and not rng_applies:
+        if restore_rng and not rng_applies and progress["world_size"] == world_size():
+            logger.warning("%s holds no RNG state of rank %d: its RNG streams are re-seeded", path, rank())
+        elif restore_rng and not rng_applies:
             logger.warning(
                 "resuming at world size %d from a checkpoint saved at %d: RNG streams are re-seeded",
                 world_size(),
