@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,33 @@ def test_a_checkpoint_with_a_cuda_generator_resumes_on_a_cpu_only_machine(tmp_pa
     assert CheckpointManager(tmp_path).resume(*resumed).iteration == 4
     _assert_same(saved, resumed)
     assert torch.equal(torch.rand(4), expected_draw)
+
+
+def _two_rank_rng_round_trip(rank: int, folder: str) -> None:
+    """Rank ``rank`` of 2: its own generator state saved, scrambled, and read back from its own key."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    try:
+        model, optimizer = _trained()  # the same weights on both ranks (replicated, written once)
+        torch.manual_seed(100 + rank)
+        manager = CheckpointManager(Path(folder) / "checkpoints")
+        manager.save(1, model, optimizer, sample_position=8)
+        expected_draw = torch.rand(4)
+        torch.manual_seed(7)  # both ranks now alike: only the checkpoint can tell them apart again
+        state = manager.resume(*_fresh())
+        assert state is not None and state.world_size == 2
+        torch.save({"expected": expected_draw, "got": torch.rand(4)}, Path(folder) / f"draws{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes
+def test_each_rank_resumes_its_own_generator(tmp_path):
+    torch.multiprocessing.spawn(_two_rank_rng_round_trip, args=(str(tmp_path),), nprocs=2)
+    draws = [torch.load(tmp_path / f"draws{r}.pt", weights_only=True) for r in range(2)]
+    for d in draws:
+        assert torch.equal(d["got"], d["expected"])
+    assert not torch.equal(draws[0]["got"], draws[1]["got"])  # the ranks' streams differ: not one state twice
+    ckpt = tmp_path / "checkpoints" / "ckpt_00000001"
+    assert {k for k in saved_keys(ckpt) if k.startswith("rng.")} == {"rng.rank0.cpu", "rng.rank1.cpu"}
