@@ -39,7 +39,7 @@ from dinov2.distributed.env import (
 from dinov2.distributed.parallelize import clip_grad_norm, is_checkpointed, parallelize
 from dinov2.distributed.stop import StopRequest
 from dinov2.launch.run import build_meta_arch, train
-from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.checkpoint import CheckpointManager, saved_keys
 
 TESTS = Path(__file__).resolve().parent
 K = 4  # training steps compared
@@ -345,6 +345,8 @@ def test_dcp_saved_by_two_ranks_resumes_at_world_size_three(runs):
     assert latest is not None and latest.name == f"ckpt_{K + 1:08d}"
     state = resumed.load(latest, build_meta_arch(cfg, torch.device("cpu")), None)
     assert (state.iteration, state.world_size) == (K + 1, 3)
+    for ckpt, ranks in ((_ckpt(runs["two"]), 2), (latest, 3)):  # each rank's generators under its own key
+        assert {k for k in saved_keys(ckpt) if k.startswith("rng.")} == {f"rng.rank{r}.cpu" for r in range(ranks)}
 
 
 # ---------------------------------------------------------------------------------- stop and resume

@@ -55,7 +55,7 @@ def test_readme_commands_on_a_folder_of_photos(shared_data, tmp_path, capsys):
                   "eval.final_knn=true", "eval.knn_k=[5]", "eval.test_split=val"]  # fmt: skip
     command = [sys.executable, "-m", "dinov2.launch.train_cli", *train_args]
     proc = subprocess.Popen(command, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = run / "checkpoints" / "ckpt_00000002" / "meta.json"
+    first = run / "checkpoints" / "ckpt_00000002" / ".metadata"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)

@@ -26,6 +26,7 @@ from dinov2.data import InfiniteSampler, build_dataset, build_train_loader
 from dinov2.data.samplers import epoch_permutation, windowed_permutation
 from dinov2.data.shard_index import INDEX_SUFFIX, build_index, index_paths, load_or_build_index
 from dinov2.data.shards import ShardDataset, expand_braces, expand_shard_paths, read_member
+from dinov2.train.checkpoint import read_progress
 
 TESTS = Path(__file__).resolve().parent
 
@@ -267,7 +268,7 @@ def test_exact_resume_over_shards_after_kill_at_a_random_step(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     subprocess.run(CLI + common + [f"train.output_dir={straight}"], check=True, env=_env(), capture_output=True)
     proc = subprocess.Popen(CLI + common + [f"train.output_dir={resumed}"], env=_env(), stderr=subprocess.DEVNULL)
-    marker = resumed / "checkpoints" / f"ckpt_{kill_at:08d}" / "meta.json"
+    marker = resumed / "checkpoints" / f"ckpt_{kill_at:08d}" / ".metadata"
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
@@ -334,5 +335,5 @@ def test_two_fsdp_ranks_see_every_sample_exactly_once_per_epoch(tmp_path):
         # reads stay in a window of 2 shards: the first 8 positions of the epoch come from 2 shards
         window_shards = {label // per_shard for label in labels[: window * per_shard]}
         assert len(window_shards) == window
-    state = json.loads((tmp_path / "run" / "checkpoints" / "ckpt_00000004" / "meta.json").read_text())
+    state = read_progress(tmp_path / "run" / "checkpoints" / "ckpt_00000004")
     assert state["world_size"] == 2 and state["sample_position"] == 2 * n

@@ -224,7 +224,7 @@ def _check_completed_run(cluster: SlurmCluster, output_dir: Path, job_id: str) -
     # the first run logged 0..at-1, the second at..end: nothing repeated, nothing missing
     logged = [json.loads(line)["iteration"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(ITERATIONS))
-    assert (output_dir / "checkpoints" / f"ckpt_{ITERATIONS:08d}" / "meta.json").is_file()
+    assert (output_dir / "checkpoints" / f"ckpt_{ITERATIONS:08d}" / ".metadata").is_file()
     with open(output_dir / "slurm" / f"{job_id}_0_result.pkl", "rb") as f:
         outcome, summary = pickle.load(f)
     assert outcome == "success" and summary["iterations"] == ITERATIONS and not summary["interrupted"]
@@ -236,7 +236,7 @@ def _interrupt_after_first_checkpoint(slurm_cluster, jobs, output_dir, tasks: in
     check that the requeued job resumed from a checkpoint written after the interruption and completed."""
     job_id = _submit(slurm_cluster, output_dir, tasks=tasks)
     jobs.append(job_id)
-    _wait_for(output_dir / "checkpoints" / f"ckpt_{CKPT_EVERY:08d}" / "meta.json", slurm_cluster, job_id)
+    _wait_for(output_dir / "checkpoints" / f"ckpt_{CKPT_EVERY:08d}" / ".metadata", slurm_cluster, job_id)
     slurm_cluster.run([*command, job_id])
     _wait_requeued_then_release(slurm_cluster, job_id, output_dir)
     # the interruption came after checkpoint CKPT_EVERY was complete: resuming there would mean no checkpoint on it

@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
         if stop is not None and steps >= ours.stop_after:
             stop.request("train_driver --stop-after")
         hold = ours.hold_after_checkpoint
-        if hold is not None and (out / "checkpoints" / f"ckpt_{hold:08d}" / "meta.json").is_file():
+        if hold is not None and (out / "checkpoints" / f"ckpt_{hold:08d}" / ".metadata").is_file():
             (out / "holding").write_text(str(steps))
             while True:  # killed here by the test
                 time.sleep(1)

@@ -40,7 +40,7 @@ from torch import nn
 from dinov2.config import Config, ConfigError, load_run_config
 from dinov2.interop import load_pretrained_backbone
 from dinov2.models import build_backbone
-from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.checkpoint import CheckpointManager, is_checkpoint
 from dinov2.train.export import Export
 from dinov2.train.meta_arch import Network, SSLMetaArch, build_heads, ema_update
 
@@ -153,7 +153,7 @@ def teacher_config(cfg: Config) -> Config:
 
 def find_run_checkpoint(path: Path) -> Path | None:
     """A DCP checkpoint directory of ours at or under ``path`` (the newest), or None."""
-    if (path / "meta.json").is_file() and path.name.startswith("ckpt_"):
+    if is_checkpoint(path):
         return path
     for candidate in (path / "checkpoints", path):
         latest = CheckpointManager(candidate).latest() if candidate.is_dir() else None

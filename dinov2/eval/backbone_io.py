@@ -14,7 +14,7 @@ state dict of a wrapper: nested under a ``state_dict`` / ``model`` / ``backbone`
 entry (``dinov2.interop``), keys prefixed ``backbone.`` (only those are kept), or ``module.`` /
 ``_orig_mod.`` prefixes from DDP and ``torch.compile``. :func:`save_backbone` writes the format.
 
-A training checkpoint directory (``RUN/checkpoints/ckpt_N``: DCP shards + ``meta.json``) loads too: the
+A training checkpoint directory (``RUN/checkpoints/ckpt_N``: one DCP save, ``model.*`` keys) loads too: the
 run's exported network (the EMA teacher; the EMA student when distilling) is read from its shards, with the
 run's ``config.yaml`` two levels up. A run directory with no export yet evaluates its newest checkpoint.
 """
@@ -57,9 +57,9 @@ def save_backbone(
 
 
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a trainer checkpoint directory (``ckpt_N`` with ``meta.json`` and DCP metadata)."""
+    """Whether ``path`` is a trainer checkpoint directory (``ckpt_N`` holding a finished DCP save)."""
     path = Path(path)
-    return path.is_dir() and (path / "meta.json").is_file() and (path / ".metadata").is_file()
+    return path.is_dir() and path.name[:5] == "ckpt_" and path.name[5:].isdigit() and (path / ".metadata").is_file()
 
 
 def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

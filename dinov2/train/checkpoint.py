@@ -1,18 +1,31 @@
-"""Training checkpoints through ``torch.distributed.checkpoint`` (DCP).
+"""Training checkpoints: one ``torch.distributed.checkpoint`` (DCP) save per checkpoint.
 
-A checkpoint is a directory ``ckpt_{iteration:08d}/`` holding the DCP shards of the meta-architecture
-(student, teacher, centering state) and the optimizer, ``meta.json`` (iteration, world size, the
-global sample position of the data stream) and one ``rng_rank{r}.pt`` per rank (tensors only, read
-with ``weights_only=True``). It is written to ``ckpt_….tmp`` and renamed when complete, so a crash
-mid-save never leaves a directory that looks finished; only the newest ``keep`` are kept. DCP
-reshards on load, so a checkpoint saved at one world size resumes at another.
+A checkpoint is a directory ``ckpt_{iteration:08d}/`` holding one DCP save of four entries:
+
+- ``model``: the meta-architecture (student, teacher, centering state), a :class:`ModelState`;
+- ``optimizer``: its optimizer, an :class:`OptimizerState`;
+- ``progress``: ``iteration``, ``sample_position`` (the global position of the data stream) and the
+  ``world_size`` that saved it, as 0-d int64 tensors (no pickled objects to read back);
+- ``rng``: a :class:`RngState`, one key per rank (``rng.rank{r}.cpu``, ``rng.rank{r}.cuda`` when CUDA
+  is in use), each rank writing only its own.
+
+``model`` and ``optimizer`` are :class:`~torch.distributed.checkpoint.stateful.Stateful`: DCP asks them
+for their state dict (``get_model_state_dict`` / ``get_optimizer_state_dict``) and hands the loaded one
+back (``set_…``). DCP reshards on load, so a checkpoint saved at one world size resumes at another; the
+RNG streams are then re-seeded instead of restored. The directory is written as ``ckpt_….tmp`` and
+renamed when complete (DCP's ``.metadata`` is written last), so a crash mid-save never leaves a
+directory that looks finished; only the newest ``keep`` are kept.
 
 Only finite states are written (:func:`state_is_finite` over the model and the optimizer: a finite loss
 can come with overflowed AdamW moments, and such a checkpoint would fail again on every resume).
 :meth:`CheckpointManager.resume` loads the newest checkpoint that reads back whole and finite; one that
-does not (a truncated shard, a broken ``meta.json``, non-finite values) is logged with its path and the
+does not (a truncated shard, a missing entry, non-finite values) is logged with its path and the
 reason, kept on disk for inspection, and the previous one is tried. A directory of the same name that a
 new save would replace is moved aside to ``ckpt_….bad`` rather than deleted.
+
+Checkpoints of the earlier layout (the same DCP ``model`` / ``optimizer`` entries, with the progress in a
+``meta.json`` and the RNG states in ``rng_rank{r}.pt`` files beside them) still load: see
+:func:`_read_legacy_progress`.
 """
 
 from __future__ import annotations
@@ -39,11 +52,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.stateful import Stateful
 
 from dinov2.distributed.comm import barrier, rank, world_size
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt_(\d{8})$")
+_PROGRESS = ("iteration", "sample_position", "world_size")
 
 
 @dataclass
@@ -63,6 +78,7 @@ def _quiet_single_process():
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    """This process's generators: the CPU one, and the current CUDA device's once CUDA is in use."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -75,24 +91,71 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _drop_unsaved_optimizer_state(optimizer_state: dict, path: Path) -> list[str]:
-    """Forget the optimizer state of parameters the checkpoint has none for, in place.
+def saved_keys(path: str | Path) -> set[str]:
+    """The flattened keys of the DCP save in ``path`` (``model.teacher.backbone.cls_token``, ``progress.iteration``)."""
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
-    Parameters that never had a gradient before the save (the prototype layer while it is frozen)
-    have no AdamW state in the checkpoint, but ``get_optimizer_state_dict`` creates one for every
-    parameter of a fresh optimizer; they must stay state-less, as in the run that saved. Returns
-    their names.
-    """
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    per_param = optimizer_state.get("state", {})
-    dropped = [
-        name
-        for name, fields in per_param.items()
-        if any(f"optimizer.state.{name}.{field}" not in saved for field in fields)
-    ]
-    for name in dropped:
-        del per_param[name]
-    return dropped
+
+class ModelState(Stateful):
+    """The model as a DCP entry (``get_model_state_dict``: full keys, resharded on load)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        set_model_state_dict(self.model, state_dict)
+
+
+class OptimizerState(Stateful):
+    """The optimizer as a DCP entry. For a load, ``saved`` holds the checkpoint's keys: parameters that
+    never had a gradient before the save (the prototype layer while it is frozen) have no AdamW state
+    there, but ``get_optimizer_state_dict`` makes one for every parameter of a fresh optimizer; they are
+    left out of what is read and stay state-less, as in the run that saved."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, saved: set[str] | None = None) -> None:
+        self.model, self.optimizer, self.saved = model, optimizer, saved
+        self.stateless: list[str] = []
+
+    def state_dict(self) -> dict:
+        state = get_optimizer_state_dict(self.model, self.optimizer)
+        if self.saved is not None:
+            per_param = state.get("state", {})
+            self.stateless = [
+                name
+                for name, fields in per_param.items()
+                if any(f"optimizer.state.{name}.{field}" not in self.saved for field in fields)
+            ]
+            for name in self.stateless:
+                del per_param[name]
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # strict=False only lets the state-less parameters stay so
+        options = StateDictOptions(strict=not self.stateless)
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=options)
+
+
+class RngState(Stateful):
+    """This rank's generators as a DCP entry under ``rank{r}``: each rank writes and reads only its own.
+    For a load, ``saved`` (the checkpoint's keys) leaves out a CUDA state the checkpoint has none of."""
+
+    def __init__(self, saved: set[str] | None = None) -> None:
+        self.saved = saved
+
+    def state_dict(self) -> dict:
+        name = f"rank{rank()}"
+        if self.saved is None:
+            return {name: rng_state()}
+        state = {"cpu": torch.get_rng_state()}
+        if f"rng.{name}.cuda" in self.saved and torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return {name: state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        set_rng_state(state_dict[f"rank{rank()}"])
 
 
 class CheckpointError(RuntimeError):
@@ -132,6 +195,33 @@ def _first_line(error: BaseException) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a finished checkpoint directory: ``ckpt_N`` holding DCP's ``.metadata``."""
+    path = Path(path)
+    return bool(_NAME.match(path.name)) and (path / ".metadata").is_file()
+
+
+def _read_legacy_progress(path: Path) -> dict[str, int]:
+    """The progress of a checkpoint of the earlier layout, from its ``meta.json``."""
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} has no progress entry (progress.iteration) and no meta.json")
+    meta = json.loads(meta_file.read_text())
+    return {key: int(meta[key]) for key in _PROGRESS}
+
+
+def read_progress(path: str | Path, keys: set[str] | None = None) -> dict[str, int]:
+    """``{iteration, sample_position, world_size}`` of checkpoint ``path`` (collective under a process group)."""
+    path = Path(path)
+    keys = saved_keys(path) if keys is None else keys
+    if "progress.iteration" not in keys:
+        return _read_legacy_progress(path)
+    progress = {key: torch.zeros((), dtype=torch.int64) for key in _PROGRESS}
+    with _quiet_single_process():
+        dcp.load({"progress": progress}, checkpoint_id=path)
+    return {key: int(value) for key, value in progress.items()}
+
+
 class CheckpointManager:
     def __init__(self, directory: str | Path, keep: int = 2) -> None:
         self.directory = Path(directory)
@@ -141,8 +231,7 @@ class CheckpointManager:
         """Finished checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.iterdir() if p.is_dir() and _NAME.match(p.name)]
-        return sorted((p for p in found if (p / "meta.json").is_file()), key=lambda p: p.name)
+        return sorted((p for p in self.directory.iterdir() if p.is_dir() and is_checkpoint(p)), key=lambda p: p.name)
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -159,17 +248,17 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
+        progress = {"iteration": iteration, "sample_position": sample_position, "world_size": world_size()}
         state = {
-            "model": get_model_state_dict(model),
-            "optimizer": get_optimizer_state_dict(model, optimizer),
+            "model": ModelState(model),
+            "optimizer": OptimizerState(model, optimizer),
+            "progress": {key: torch.tensor(value, dtype=torch.int64) for key, value in progress.items()},
+            "rng": RngState(),
         }
         with _quiet_single_process():
             dcp.save(state, checkpoint_id=tmp)
-        torch.save(rng_state(), tmp / f"rng_rank{this_rank}.pt")
         barrier()
         if this_rank == 0:
-            meta = {"iteration": iteration, "sample_position": sample_position, "world_size": world_size()}
-            (tmp / "meta.json").write_text(json.dumps(meta))
             if final.exists():  # one that failed to load (resume fell back past it): kept for inspection
                 aside = final.with_name(final.name + ".bad")
                 shutil.rmtree(aside, ignore_errors=True)
@@ -211,27 +300,27 @@ class CheckpointManager:
         restore_rng: bool = True,
     ) -> ResumeState:
         path = Path(path)
-        meta = json.loads((path / "meta.json").read_text())
-        state = {"model": get_model_state_dict(model)}
+        saved = saved_keys(path)
+        progress = read_progress(path, saved)
+        legacy = "progress.iteration" not in saved
+        rng_file = path / f"rng_rank{rank()}.pt"  # the earlier layout's
+        rng_saved = rng_file.is_file() if legacy else f"rng.rank{rank()}.cpu" in saved
+        rng_applies = restore_rng and progress["world_size"] == world_size() and rng_saved
+        state: dict[str, Stateful] = {"model": ModelState(model)}
         if optimizer is not None:
-            state["optimizer"] = get_optimizer_state_dict(model, optimizer)
-            stateless = _drop_unsaved_optimizer_state(state["optimizer"], path)
+            state["optimizer"] = OptimizerState(model, optimizer, saved)
+        if rng_applies and not legacy:
+            state["rng"] = RngState(saved)
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
-        if optimizer is not None:
-            # strict=False only lets the state-less parameters stay so (see _drop_unsaved_optimizer_state)
-            options = StateDictOptions(strict=not stateless)
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-        rng_file = path / f"rng_rank{rank()}.pt"
-        if not restore_rng:
-            pass
-        elif meta["world_size"] == world_size() and rng_file.is_file():
+        if rng_applies and legacy:
             set_rng_state(torch.load(rng_file, weights_only=True))
-        else:
+        if restore_rng and not rng_applies and progress["world_size"] == world_size():
+            logger.warning("%s holds no RNG state of rank %d: its RNG streams are re-seeded", path, rank())
+        elif restore_rng and not rng_applies:
             logger.warning(
                 "resuming at world size %d from a checkpoint saved at %d: RNG streams are re-seeded",
                 world_size(),
-                meta["world_size"],
+                progress["world_size"],
             )
-        return ResumeState(meta["iteration"], meta["sample_position"], meta["world_size"], path)
+        return ResumeState(progress["iteration"], progress["sample_position"], progress["world_size"], path)
