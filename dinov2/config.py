@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -545,8 +547,6 @@ def resolve_config_path(path: str | Path) -> Path:
 def _writable_dir_problem(key: str, path: str) -> str | None:
     """Why ``path`` cannot be (made) a writable directory, or None. Nothing is left behind: the probe file is
     created in the nearest existing ancestor and removed (a real write, so read-only mounts show as root too)."""
-    import os
-    import tempfile
 
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():

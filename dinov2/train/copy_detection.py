@@ -21,20 +21,16 @@ optimizer, clipping), ``update_ema`` (nothing to average here), ``exports`` and 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor, nn
 
 from dinov2.config import Config, ConfigError
+from dinov2.data.copy_augmentations import CopyViews
 from dinov2.distributed.meta_init import on_meta
 from dinov2.losses.copy_detection import CopyDetectionLoss
 from dinov2.models import DinoVisionTransformer, build_backbone
 from dinov2.train.export import Export
 from dinov2.train.meta_arch import StepOutput
 from dinov2.train.model_factory import ModelFactory
-
-if TYPE_CHECKING:
-    from dinov2.data.copy_augmentations import CopyViews
 
 
 class DescriptorNetwork(nn.Module):
@@ -84,8 +80,6 @@ class CopyDetectionMetaArch(nn.Module):
 
     def train_transform(self) -> CopyViews:
         """The data pipeline's per-image transform: two copy-augmented views at the global crop size."""
-        from dinov2.data.copy_augmentations import CopyViews
-
         crops = self.cfg.data.crops
         return CopyViews(self.cfg.copy_detection, crops.global_crops_size, crops.mean, crops.std)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -39,8 +40,6 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_backbone(backbone: nn.Module, path: str | Path, env: DistEnv) -> Path:
     """Write ``backbone``'s weights to ``path`` (``.safetensors``) on rank 0, atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     state = full_state_dict(backbone)
     if env.is_main:

@@ -18,6 +18,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dinov2.config import Config
+from dinov2.data import build_dataset
+from dinov2.data.datasets import same_images
+from dinov2.eval.features import eval_sizes, eval_transform, extract_features
+from dinov2.eval.holdout import dataset_labels, holdout_note, holdout_sets
+from dinov2.eval.knn import knn_classify
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +37,6 @@ class KnnSets:
 
 def knn_sets(cfg: Config) -> KnnSets:
     """The memory bank and the queries of the final k-NN of a run with ``cfg`` (module docstring)."""
-    from dinov2.data import build_dataset
-    from dinov2.data.datasets import same_images
-    from dinov2.eval.holdout import dataset_labels, holdout_note, holdout_sets
-
     data = cfg.data.dataset
     train_set = build_dataset(data, split=data.split)
     if (dataset_labels(train_set) < 0).all():
@@ -53,9 +54,6 @@ def knn_sets(cfg: Config) -> KnnSets:
 
 def knn_on_sets(backbone: nn.Module, sets: KnnSets, cfg: Config, device: torch.device) -> dict[int, float]:
     """Top-1 (%) per k of a weighted k-NN of ``backbone`` on ``sets``."""
-    from dinov2.eval.features import eval_sizes, eval_transform, extract_features
-    from dinov2.eval.knn import knn_classify
-
     crops = cfg.data.crops
     resize, crop = eval_sizes(crops.global_crops_size, cfg.eval.resize, cfg.eval.crop)
     transform = eval_transform(resize=resize, crop=crop, mean=crops.mean, std=crops.std)

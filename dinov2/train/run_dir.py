@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dinov2.config import Config, ConfigError, load_run_config, to_yaml, validate
+from dinov2.data.datasets import resolve_kind, split_path
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,6 @@ def check_run_dir(cfg: Config) -> None:
 
 def resolve_dataset_kind(cfg: Config) -> None:
     """Replace ``data.dataset.kind`` ``auto`` (or ``demo`` with a path) by the kind its path holds, in place."""
-    from dinov2.data.datasets import resolve_kind
-
     data = cfg.data.dataset
     if data.kind == "auto" or (data.kind == "demo" and data.path):
         try:
@@ -90,8 +89,6 @@ def resolve_dataset_kind(cfg: Config) -> None:
 
 def check_splits(cfg: Config) -> None:
     """ConfigError when a folder with split sub-folders lacks the training split (or the final k-NN's)."""
-    from dinov2.data.datasets import split_path
-
     data = cfg.data.dataset
     splits = [data.split] + ([cfg.eval.test_split] if cfg.eval.final_knn and not cfg.eval.test_path else [])
     try:

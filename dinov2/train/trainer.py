@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from dinov2.config import Amp, Config, ConfigError, to_yaml
 from dinov2.data import TrainBatches, build_train_loader
@@ -334,6 +335,4 @@ def _flush(
 def _progress_bar(cfg: Config, env: DistEnv, start: int, total: int):
     if not (cfg.train.progress and env.is_main):
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
