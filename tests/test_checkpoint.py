@@ -60,9 +60,15 @@ def test_one_dcp_save_holds_model_optimizer_progress_and_rng(tmp_path):
     }
     assert read_progress(path) == {"iteration": 7, "sample_position": 56, "world_size": 1}
 
+    _check_resumes(tmp_path, saved, expected_draw, (7, 56, 1, path))
+
+
+def _check_resumes(directory, saved, expected_draw, progress) -> None:
+    """A fresh model and optimizer resume from ``directory`` to ``saved``'s state, the progress
+    ``(iteration, sample_position, world_size, path)`` and the RNG stream that drew ``expected_draw``."""
     resumed = _fresh()
-    state = CheckpointManager(tmp_path).resume(*resumed)
-    assert (state.iteration, state.sample_position, state.world_size, state.path) == (7, 56, 1, path)
+    state = CheckpointManager(directory).resume(*resumed)
+    assert (state.iteration, state.sample_position, state.world_size, state.path) == progress
     _assert_same(saved, resumed)
     assert torch.equal(torch.rand(4), expected_draw)
 
@@ -78,11 +84,7 @@ def test_a_checkpoint_of_the_earlier_layout_resumes(tmp_path):
     (path / "meta.json").write_text(json.dumps({"iteration": 3, "sample_position": 24, "world_size": 1}))
     expected_draw = torch.rand(4)
 
-    resumed = _fresh()
-    state = CheckpointManager(tmp_path).resume(*resumed)
-    assert (state.iteration, state.sample_position, state.world_size, state.path) == (3, 24, 1, path)
-    _assert_same(saved, resumed)
-    assert torch.equal(torch.rand(4), expected_draw)
+    _check_resumes(tmp_path, saved, expected_draw, (3, 24, 1, path))
 
 
 def test_a_save_with_neither_progress_entry_nor_meta_json_is_rejected_by_name(tmp_path):
