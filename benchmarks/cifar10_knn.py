@@ -37,6 +37,14 @@ import torch  # noqa: E402
 
 from benchmarks.devices import amp_context, resolve_device, run_header, synchronize  # noqa: E402
 from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
+from dinov2.config import load_config  # noqa: E402
+from dinov2.data.blobs import BlobDataset  # noqa: E402
+from dinov2.data.gpu import GPUTrainLoader, decode_dataset  # noqa: E402
+from dinov2.distributed.env import DistEnv  # noqa: E402
+from dinov2.eval.backbone_io import save_backbone  # noqa: E402
+from dinov2.eval.features import backbone_features  # noqa: E402
+from dinov2.eval.knn import knn_classify  # noqa: E402
+from dinov2.train.schedules import Schedules  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DINOV2_SHARED_DATA", REPO.parent / "shared" / "data")) / "cifar10"
@@ -62,9 +70,6 @@ TARGET_TOP1 = 85.0
 # ------------------------------------------------------------------------------------------- data
 def load_split(root: Path, split: str, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``uint8 (N, 32, 32, 3)`` and labels of a blobs split; ``count``: an evenly strided subset."""
-    from dinov2.data.blobs import BlobDataset
-    from dinov2.data.gpu import decode_dataset
-
     dataset = BlobDataset(root, split)
     indices = None
     if count is not None and count < len(dataset):
@@ -78,8 +83,6 @@ def tensor_features(
     backbone: torch.nn.Module, images: torch.Tensor, mean: list[float], std: list[float], batch_size: int
 ) -> torch.Tensor:
     """L2-normalised CLS features of ``uint8 (N, H, W, 3)`` images on the backbone's device."""
-    from dinov2.eval.features import backbone_features
-
     device = images.device
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -99,8 +102,6 @@ def tensor_features(
 
 
 def knn_top1(model: Any, data: dict[str, torch.Tensor], cfg: Any, ks: list[int], batch_size: int) -> dict[int, float]:
-    from dinov2.eval.knn import knn_classify
-
     backbone = model.exported_backbone()
     c = cfg.data.crops
     train_f = tensor_features(backbone, data["train_x"], c.mean, c.std, batch_size)
@@ -119,8 +120,6 @@ class BudgetSchedule:
     estimate grows). ``expected`` is re-estimated from the measured step time (:meth:`update`)."""
 
     def __init__(self, cfg: Any, batch_size: int) -> None:
-        from dinov2.train.schedules import Schedules
-
         self.horizon = cfg.optim.epochs * cfg.optim.epoch_length
         self.schedules = Schedules.from_config(cfg, batch_size, self.horizon)
         self.expected = self.horizon  # until the first measurement
@@ -137,9 +136,7 @@ class BudgetSchedule:
 def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Train for ``args.budget_min`` minutes of training time; k-NN at ``args.evals`` points; with
     ``args.save_run``, write the EMA teacher's backbone and the config there as a run dir."""
-    from dinov2.data.gpu import GPUTrainLoader
-    from dinov2.distributed.env import DistEnv
-    from dinov2.launch.run import build_training
+    from dinov2.launch.run import build_training  # lazy: the trainer adds ~0.9 s (FSDP) to --help
 
     batch = cfg.data.batch_size_per_gpu
     num_train = data["train_x"].shape[0]
@@ -203,8 +200,6 @@ def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, 
         segment_start = window_start = time.perf_counter()
         window_steps = 0
     if args.save_run:  # one process, no FSDP: the plain state dict is the full one
-        from dinov2.eval.backbone_io import save_backbone
-
         run_dir = Path(args.save_run)
         save_backbone(model.exported_backbone(), cfg, run_dir, "teacher_backbone.safetensors")
         (run_dir / "knn.json").write_text(json.dumps({"top1": curve[-1], "random_init_top1": random_init_top1}))
@@ -226,10 +221,10 @@ def pretrain(cfg: Any, data: dict[str, torch.Tensor], args: argparse.Namespace, 
 def save_plots(result: dict[str, Any], batch: int, num_train: int, out_dir: Path, title: str) -> list[Path]:
     """``cifar10_loss.png`` (loss vs epoch) and ``cifar10_knn.png`` (k-NN top-1 vs epoch); [] without matplotlib."""
     try:
-        import matplotlib
+        import matplotlib  # optional dependency (extra `curation`)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional dependency (extra `curation`)
     except ImportError:
         print("matplotlib is not installed: no plots")
         return []
@@ -287,8 +282,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Decode, pretrain with periodic k-NN; the record that :func:`report` renders (and the JSON holds)."""
-    from dinov2.config import load_config
-
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -36,8 +36,15 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from benchmarks.tables import format_table  # noqa: E402
+from data_curation import embeddings as emb_io  # noqa: E402
+from data_curation.calibrate import GRID, choose_threshold, dedup_curve  # noqa: E402
+from data_curation.cli import main as curate  # noqa: E402
+from data_curation.config import CalibrateConfig  # noqa: E402
+from data_curation.workdir import read_done  # noqa: E402
+from dinov2.config import CopyAugmentConfig, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DINOV2_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -68,10 +75,7 @@ def unseen_test_images(data: Path) -> np.ndarray:
 
 def build_pool(data: Path, folder: Path, n_originals: int, n_copies: int, seed: int = 1) -> dict[tuple[str, str], str]:
     """Write the planted set into ``folder``; return ``{(name, name): kind}`` of the planted pairs."""
-    from PIL import Image
-
-    from dinov2.config import CopyAugmentConfig
-    from dinov2.data.copy_augmentations import make_copy
+    from dinov2.data.copy_augmentations import make_copy  # lazy: torch (~2 s); --help stays fast
 
     blob = np.load(data / "cifar10" / "test_jpeg.npy", mmap_mode="r")
     offsets = np.load(data / "cifar10" / "test_jpeg_offsets.npy")
@@ -143,14 +147,13 @@ def evaluate(x: np.ndarray, names: list[str], truth: dict[tuple[str, str], str],
 
 def load_image(path: Path) -> Any:
     """An RGB PIL image, read fully (the file is closed)."""
-    from dinov2.data.decode import decode_image
+    from dinov2.data.decode import decode_image  # lazy: torch (~2 s); --help stays fast
 
     return decode_image(path)
 
 
 def tiny_image(images: list[Any], size: int = 8) -> np.ndarray:
     """The classical baseline: ``size``² colour thumbnail, mean-centred, averaged with its mirror, L2-normalised."""
-    from PIL import Image
 
     def one(image: Any) -> np.ndarray:
         a = np.asarray(image.convert("RGB").resize((size, size), Image.BOX), dtype=np.float32) / 255.0
@@ -163,9 +166,7 @@ def tiny_image(images: list[Any], size: int = 8) -> np.ndarray:
 
 def classical_calibration(images: list[Any], x: np.ndarray, target: float = 0.95, seed: int = 0) -> float | None:
     """The tiny-image threshold, chosen as ``calibrate`` chooses (same planting, estimator and rule)."""
-    from data_curation.calibrate import GRID, choose_threshold, dedup_curve
-    from data_curation.config import CalibrateConfig
-    from dinov2.data.copy_augmentations import make_copy
+    from dinov2.data.copy_augmentations import make_copy  # lazy: torch (~2 s); --help stays fast
 
     c = CalibrateConfig()
     rng = np.random.default_rng(seed)
@@ -187,8 +188,7 @@ def classical_calibration(images: list[Any], x: np.ndarray, target: float = 0.95
 # ------------------------------------------------------------------------------------ models
 def train_copy_detector(folder: Path, out: Path, iterations: int, batch: int, device: str, tiny: bool) -> Path:
     """``configs/train/copy_detection.yaml`` on the unlabelled pool folder, with the trainer; returns the run dir."""
-    from dinov2.config import load_config
-    from dinov2.launch.run import train
+    from dinov2.launch.run import train  # lazy: torch (~2 s); --help stays fast
 
     overrides = [
         "data.dataset.kind=folder",
@@ -212,8 +212,6 @@ def train_copy_detector(folder: Path, out: Path, iterations: int, batch: int, de
 
 def training_seconds(run_dir: Path) -> float:
     """Wall seconds of the training steps of a run (from metrics.jsonl: images per step / images_per_s)."""
-    from dinov2.config import load_config
-
     cfg = load_config(run_dir / "config.yaml")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return float(sum(cfg.data.batch_size_per_gpu / r["images_per_s"] for r in records if r.get("images_per_s")))
@@ -223,10 +221,6 @@ def embed_and_calibrate(
     folder: Path, workdir: Path, run_dir: Path, device: str, progress: bool
 ) -> tuple[np.ndarray, list[str], dict]:
     """``dinov2-curate embed,calibrate`` of the pool with our run ``run_dir`` (flip-averaged CLS)."""
-    from data_curation import embeddings as emb_io
-    from data_curation.cli import main as curate
-    from data_curation.workdir import read_done
-
     argv = [
         "embed,calibrate",
         "--workdir",

@@ -36,17 +36,26 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
+
+from data_curation.config import CurationConfig, IndexConfig  # noqa: E402
+from data_curation.dedup import components, find_duplicate_pairs, select_keep  # noqa: E402
+from data_curation.embed import run_embed  # noqa: E402
+from data_curation.index import build_index, faiss_gpu_available, index_from_config, search  # noqa: E402
+from data_curation.kmeans import hierarchical_kmeans  # noqa: E402
+from dinov2.config import Config, ModelConfig  # noqa: E402
 
 
 @dataclass
@@ -156,12 +165,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 def run_search(args: argparse.Namespace, table: list[Row]) -> dict[str, Any]:
     """dedup, retrieval and 2-level k-means on synthetic embeddings (module docstring)."""
-    import faiss
-
-    from data_curation.config import IndexConfig
-    from data_curation.dedup import components, find_duplicate_pairs, select_keep
-    from data_curation.index import build_index, search
-    from data_curation.kmeans import hierarchical_kmeans
+    import faiss  # optional dependency (extra `curation`)
 
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -258,13 +262,8 @@ def run_search(args: argparse.Namespace, table: list[Row]) -> dict[str, Any]:
 
 def run_gpu(args, table, x, queries, truth, ivf) -> dict[str, Any]:
     """The searches again on a GPU: faiss-gpu when present, else the exact torch matmul index."""
-    from dataclasses import replace
-
-    from data_curation.dedup import find_duplicate_pairs
-    from data_curation.index import faiss_gpu_available, index_from_config, search
-
     try:
-        import torch
+        import torch  # lazy: torch (~2 s); --help stays fast
     except ImportError:
         return {}
     if not torch.cuda.is_available():
@@ -298,8 +297,6 @@ def run_gpu(args, table, x, queries, truth, ivf) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------- embed
 def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[Path]:
     """``n`` JPEG files (quality 90) of smooth random images, ImageNet-like in size and byte count."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     w, h = size
@@ -320,13 +317,8 @@ def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> l
 
 def run_embed_bench(args: argparse.Namespace, table: list[Row]) -> dict[str, Any]:
     """Decode-only throughput on one core, then the embed stage with a random ``--embed-arch`` export."""
-    import tempfile
+    import torch  # lazy: torch (~2 s); --help stays fast
 
-    import torch
-
-    from data_curation.config import CurationConfig
-    from data_curation.embed import run_embed
-    from dinov2.config import Config, ModelConfig
     from dinov2.data.decode import decode_image
     from dinov2.eval import save_backbone
     from dinov2.eval.features import eval_transform

@@ -4,14 +4,17 @@ and the header (date, device, versions) printed above every table."""
 from __future__ import annotations
 
 import datetime
+import gc
+import platform
 
 import torch
+
+from dinov2.device import autocast
+from dinov2.device import resolve_device as library_resolve
 
 
 def resolve_device(name: str) -> torch.device:
     """``dinov2.device.resolve_device``, refusing a CUDA device that is not there."""
-    from dinov2.device import resolve_device as library_resolve
-
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU here (use --device cpu --tiny for the CI version)")
     return library_resolve(name)
@@ -25,8 +28,6 @@ def synchronize(device: torch.device) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -42,8 +43,6 @@ def run_header(device: torch.device) -> dict[str, str]:
 
 def amp_context(device: torch.device, dtype: torch.dtype = torch.bfloat16):
     """bf16 autocast on CUDA; fp32 on CPU (what the trainer does)."""
-    from dinov2.device import autocast
-
     return autocast(device, dtype if device.type == "cuda" else None)
 
 
@@ -59,8 +58,6 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def free_memory(device: torch.device) -> None:
-    import gc
-
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -8,6 +8,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dinov2.layers.mlp import swiglu_hidden_dim
 
 ATEN = torch.ops.aten
 
@@ -30,8 +33,6 @@ CPU_SDPA_FLOPS = {
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """Matmul/conv/attention FLOPs executed by ``fn()`` (``torch.utils.flop_counter``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
         fn()
     return counter.get_total_flops()
@@ -50,8 +51,6 @@ def backbone_forward_flops(model_cfg: Any, groups: Sequence[tuple[int, int]], tr
     ``6·n·D·h`` (SwiGLU, ``h`` from :func:`swiglu_hidden_dim`). Under efficient stochastic depth each
     branch runs on ``max(1, ⌊b·(1−p)⌋)`` of a group's ``b`` samples. Plus the patch embedding
     ``2·P·(3·p²)·D`` per sample of ``P`` patches. Norms, softmax and adds are not counted."""
-    from dinov2.layers.mlp import swiglu_hidden_dim
-
     model_cfg = model_cfg.resolved()
     d, depth, ffn = model_cfg.embed_dim, model_cfg.depth, model_cfg.ffn_layer
     if ffn == "swiglu":

@@ -37,17 +37,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 import traceback
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if __name__ == "__main__" and not __package__:  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(REPO))
+
+from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402 — stdlib only
+
+# Everything else this module needs (torch, dinov2, the other benchmarks) is imported inside the sections:
+# they run after ensure_packages has installed the carried omegaconf wheel, and `--help` stays instant.
 
 SECTIONS = ("pytest", "compiled_step", "fsdp_step", "attention", "throughput", "cifar10_knn")
 # seconds each section may take on the GPU (the total is capped by --budget-s as well)
@@ -151,8 +159,6 @@ def eager_block_calls():
 
 def host_syncs(fn, device) -> tuple[Any, list[str]]:
     """``fn()`` with CUDA's sync debug mode on "warn": the synchronising calls it made (CUDA only)."""
-    import warnings
-
     import torch
 
     if device.type != "cuda":
@@ -275,15 +281,11 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
 
 
 def _finite(value: float) -> bool:
-    import math
-
     return math.isfinite(value)
 
 
 def eager_first_loss(cfg, env, device) -> float:
     """Loss of the first step of the same configuration built without compilation, at the same seed."""
-    from dataclasses import replace
-
     from benchmarks.throughput import synthetic_batch
     from dinov2.launch.run import build_training
     from dinov2.train.schedules import ScheduleValues
@@ -528,8 +530,6 @@ def _header(dry: bool) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ reports
 def summary_markdown(record: dict[str, Any]) -> str:
-    from benchmarks.tables import format_table, header_lines
-
     header = header_lines(record["header"])
     rows = []
     for name, r in record["sections"].items():
@@ -617,8 +617,6 @@ def main(argv: list[str] | None = None) -> int:
     text = summary_markdown(record)
     print(text)
     if args.markdown:
-        from benchmarks.tables import update_markdown
-
         section = "gpu-check-dry" if record.get("dry_run") else "gpu-check"
         print(f"summary written to {update_markdown(args.markdown, section, text)}")
     failed = [name for name, r in record["sections"].items() if r["status"] == "failed"]

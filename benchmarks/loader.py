@@ -38,10 +38,18 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from benchmarks.devices import run_header  # noqa: E402
 from benchmarks.results import load_results, save_results  # noqa: E402
 from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
+from dinov2.config import CropsConfig  # noqa: E402
+from dinov2.data import BlobDataset, ImageFolderDataset  # noqa: E402
+from dinov2.data.augmentations import MultiCropAugmentation  # noqa: E402
+from dinov2.data.augmented import AugmentedDataset  # noqa: E402
+from dinov2.data.samplers import InfiniteSampler  # noqa: E402
+from dinov2.data.shard_writer import ShardWriter  # noqa: E402
+from dinov2.data.shards import ShardDataset  # noqa: E402
 
 # Naive timm student + teacher step on one H100 (ENVIRONMENT.md, measured 2026-11-23).
 STEP_RATES = {"ViT-S/14": 829.0, "ViT-L/14": 132.0}
@@ -59,8 +67,6 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 def source_images(n: int, size: tuple[int, int], data: Path | None, seed: int = 0) -> list[bytes]:
     """``n`` JPEGs of ``size`` (w, h), quality 90: upscaled CIFAR-10 images with noise, or smooth
     synthetic ones without ``data``."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     out = []
     if data is not None:
@@ -82,10 +88,6 @@ def source_images(n: int, size: tuple[int, int], data: Path | None, seed: int = 
 
 def write_layouts(images: list[bytes], root: Path, per_shard: int) -> dict[str, Any]:
     """The same JPEGs as tar shards, a folder and a blobs folder; the dataset of each."""
-    from dinov2.data import BlobDataset, ImageFolderDataset
-    from dinov2.data.shard_writer import ShardWriter
-    from dinov2.data.shards import ShardDataset
-
     (root / "folder").mkdir(parents=True)
     for i, data in enumerate(images):
         (root / "folder" / f"{i:06d}.jpg").write_bytes(data)
@@ -105,8 +107,6 @@ def write_layouts(images: list[bytes], root: Path, per_shard: int) -> dict[str, 
 
 def sampler_order(dataset: Any, window: int) -> list[int]:
     """The first epoch of the training sampler (shards: windowed over ``window`` shards)."""
-    from dinov2.data.samplers import InfiniteSampler
-
     groups = getattr(dataset, "shard_sizes", None)
     window = window if groups is not None else 0
     stream = iter(InfiniteSampler(len(dataset), seed=0, group_sizes=groups, shuffle_window=window))
@@ -138,10 +138,6 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[str, An
 
 
 def _measure(args: argparse.Namespace) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    from dinov2.config import CropsConfig
-    from dinov2.data.augmentations import MultiCropAugmentation
-    from dinov2.data.augmented import AugmentedDataset
-
     data = Path(args.data) if args.data and (Path(args.data) / "train_jpeg.npy").is_file() else None
     w, h = (int(v) for v in args.size.split("x"))
     images = source_images(args.images, (w, h), data)

@@ -41,6 +41,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.devices import resolve_device, run_header  # noqa: E402
 from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
+from dinov2.config import load_config  # noqa: E402
+from dinov2.distributed.env import DistEnv  # noqa: E402
+from dinov2.models import build_backbone  # noqa: E402
+from dinov2.train.final_eval import knn_of_backbone  # noqa: E402
+from dinov2.train.schedules import Schedules, warmup_cosine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("DINOV2_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -87,10 +92,7 @@ def tiny_subsets(data: Path, out: Path) -> str:
 
 def supervised(cfg: Any, device: torch.device, lr: float, weight_decay: float, num_classes: int) -> torch.nn.Module:
     """A fresh backbone + linear CLS classifier trained on the trainer's batches (first global crops)."""
-    from dinov2.distributed.env import DistEnv
-    from dinov2.models import build_backbone
-    from dinov2.train.schedules import Schedules, warmup_cosine
-    from dinov2.train.trainer import build_loader, total_iterations
+    from dinov2.train.trainer import build_loader, total_iterations  # lazy: the trainer adds ~0.9 s (FSDP) to --help
 
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(cfg.model).to(device)
@@ -115,10 +117,7 @@ def supervised(cfg: Any, device: torch.device, lr: float, weight_decay: float, n
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from dinov2.config import load_config
-    from dinov2.launch.run import train
-    from dinov2.models import build_backbone
-    from dinov2.train.final_eval import knn_of_backbone
+    from dinov2.launch.run import train  # lazy: the trainer adds ~0.9 s (FSDP) to --help
     from dinov2.train.trainer import total_iterations
 
     data, out = Path(args.data), Path(args.output_dir)

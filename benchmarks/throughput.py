@@ -42,6 +42,9 @@ from typing import Any
 if __name__ == "__main__" and not __package__:  # run as a file: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.devices import (  # noqa: E402
@@ -59,6 +62,11 @@ from benchmarks.flops import count_flops, ssl_step_flops  # noqa: E402
 from benchmarks.results import load_results, save_results  # noqa: E402
 from benchmarks.tables import format_table, header_lines, update_markdown  # noqa: E402
 from benchmarks.timing import matmul_peak, time_steps  # noqa: E402
+from dinov2.config import load_config  # noqa: E402
+from dinov2.data.collate import batch_masks  # noqa: E402
+from dinov2.distributed.env import DistEnv, distributed_session  # noqa: E402
+from dinov2.models import build_backbone  # noqa: E402
+from dinov2.train.schedules import ScheduleValues  # noqa: E402
 
 MODELS = {
     "s": ("ViT-S/14", "train/vits14", 128),
@@ -146,10 +154,6 @@ def target_of(key: str) -> tuple[str, Any]:
 # --------------------------------------------------------------------------------------- batches
 def synthetic_batch(cfg: Any, batch_size: int, device: torch.device, seed: int) -> dict[str, Any]:
     """Random crops and real iBOT block masks, in the trainer's batch layout, on ``device``."""
-    import numpy as np
-
-    from dinov2.data.collate import batch_masks
-
     c = cfg.data.crops
     gen = torch.Generator().manual_seed(seed)
     grid = (c.global_crops_size // cfg.model.patch_size,) * 2
@@ -168,7 +172,7 @@ def batch_source(cfg: Any, loader: str, batch_size: int, device: torch.device, e
     """An endless iterator of device batches: synthetic (cycled) or the trainer's own data pipeline."""
     if loader == "synthetic":
         return itertools.cycle([synthetic_batch(cfg, batch_size, device, seed) for seed in range(SYNTHETIC_BATCHES)])
-    from dinov2.train.trainer import _to_device, build_loader
+    from dinov2.train.trainer import _to_device, build_loader  # lazy: the trainer adds ~0.9 s (FSDP) to --help
 
     pipeline = build_loader(replace(cfg, data=replace(cfg.data, pipeline=loader)), env, device, 0)
     return (_to_device(batch, device) for batch in pipeline)
@@ -190,9 +194,7 @@ def flop_check(cfg: Any, batch_size: int, device: torch.device, env: Any) -> flo
     """``torch.utils.flop_counter`` count / analytic FLOPs of one eager step of a separate, unparallelised
     copy of the model (so the timed model is built exactly as the trainer builds it); None when it does
     not fit."""
-    from dinov2.distributed.env import DistEnv
-    from dinov2.launch.run import build_training
-    from dinov2.train.schedules import ScheduleValues
+    from dinov2.launch.run import build_training  # lazy: the trainer adds ~0.9 s (FSDP) to --help
 
     eager = dict(compile=False, fsdp=False, activation_checkpointing="none")
     plain = replace(cfg, distributed=replace(cfg.distributed, **eager))
@@ -223,8 +225,7 @@ def bench_ssl(
     cpu_time: bool = False,
 ) -> tuple[float, float | None, float, float | None]:
     """``(images/s, peak GiB, analytic FLOPs/step, loader-only images/s or None)`` of the trainer's step."""
-    from dinov2.launch.run import build_training
-    from dinov2.train.schedules import ScheduleValues
+    from dinov2.launch.run import build_training  # lazy: the trainer adds ~0.9 s (FSDP) to --help
 
     training = build_training(cfg, env, device)
     check_optimizer_holds(training.model, training.optimizer)
@@ -258,10 +259,7 @@ def bench_naive(
     cfg: Any, batch_size: int, device: torch.device, steps: int, warmup: int, compiled: bool, cpu_time: bool = False
 ) -> float:
     """Images/s of the naive baseline step (see the module docstring)."""
-    from types import SimpleNamespace
-
-    from dinov2.distributed.parallelize import compile_blocks
-    from dinov2.models import build_backbone
+    from dinov2.distributed.parallelize import compile_blocks  # lazy: ~0.7 s (FSDP) on --help
 
     torch.manual_seed(0)
     student = build_backbone(replace(cfg.model, drop_path_mode="classic")).to(device)
@@ -347,8 +345,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, str], list[Row]]:
     """Every requested (model, AC, compile) row, and the run header (date, device, versions, peak)."""
-    from dinov2.distributed.env import DistEnv, distributed_session
-
     if not args.fsdp:
         return _measure(args, DistEnv())
     with distributed_session("auto", always=True) as env:
@@ -356,8 +352,6 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, str], list[Row]]:
 
 
 def _measure(args: argparse.Namespace, env: Any) -> tuple[dict[str, str], list[Row]]:
-    from dinov2.config import load_config
-
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

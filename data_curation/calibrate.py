@@ -40,21 +40,24 @@ missing or stale (:func:`resolved_threshold`).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import write_json, write_text
+from data_curation.config import CurationConfig, EmbedConfig
+from data_curation.embed import PLAN_FILE, Preprocess, descriptor_model, load_model, model_fingerprint
 from data_curation.errors import CurationError
 from data_curation.images import RowImages, embed_config_of
+from data_curation.index import index_from_config, search
+from data_curation.plots import contact_sheet, similarity_histograms
+from data_curation.whitening import WHITENING_FILE, Whitening
 from data_curation.workdir import fingerprint, read_done, resolve_path, run_stage
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig, EmbedConfig
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +178,6 @@ class _Images:
 
 def check_same_model(emb_dir: Path, e: EmbedConfig) -> None:
     """Stop when the model file changed since ``emb_dir`` was embedded (copies would be embedded differently)."""
-    import json
-
-    from data_curation.embed import PLAN_FILE, model_fingerprint
-
     plan = json.loads((emb_dir / PLAN_FILE).read_text())
     if model_fingerprint(e.model) != plan["settings"]["model"]:
         raise CurationError(
@@ -190,9 +189,7 @@ def embed_like(emb_dir: Path, images: list[Any], progress: bool = False) -> np.n
     """``images`` embedded exactly as the rows of ``emb_dir`` (model, preprocessing, descriptor,
     whitening, storage dtype): float32 ``(len(images), dim)``, L2-normalised."""
 
-    from data_curation.embed import Preprocess, descriptor_model, load_model
-    from data_curation.whitening import WHITENING_FILE, Whitening
-    from dinov2.device import amp_dtype, resolve_device
+    from dinov2.device import amp_dtype, resolve_device  # lazy: torch (~2 s); curation modules import without it
     from dinov2.eval.features import extract_features
 
     e = embed_config_of(emb_dir)
@@ -222,7 +219,7 @@ def plant_copies(
     source: RowImages, rows: np.ndarray, kinds: list[str], transforms: Any, seed: int
 ) -> tuple[list[Any], list[Any], list[str]]:
     """(originals, copies, kind of each copy): one copy per row, kinds assigned in turn."""
-    from dinov2.data.copy_augmentations import make_copy
+    from dinov2.data.copy_augmentations import make_copy  # lazy: torch (~2 s); curation modules import without it
 
     rng = np.random.default_rng(seed)
     originals, copies, copy_kinds = [], [], []
@@ -242,8 +239,6 @@ def copy_neighbours(
     """For each copy, its ``k`` nearest rows of ``base`` other than its original (row ``originals[i]``):
     ``(to_copy, to_original)``, each ``(copies, k)``: their similarity to the copy and to the original
     (-inf where fewer than ``k`` rows exist)."""
-    from data_curation.index import search
-
     sims, ids = search(index, copies, k + 1, batch_size=batch)
     to_copy = np.full((len(copies), k), -np.inf)
     to_original = np.full((len(copies), k), -np.inf)
@@ -258,8 +253,6 @@ def copy_neighbours(
 
 
 def _calibrate_dedup(cfg: CurationConfig, emb_dir: Path) -> tuple[dict[str, Any], dict, list[tuple[str, list[Any]]]]:
-    from data_curation.index import index_from_config
-
     c = cfg.calibrate
     x, _ = emb_io.load_embeddings(emb_dir)
     pool = np.flatnonzero(emb_io.valid_rows(x))
@@ -291,11 +284,6 @@ def _calibrate_dedup(cfg: CurationConfig, emb_dir: Path) -> tuple[dict[str, Any]
 
 
 def _calibrate_decontaminate(cfg: CurationConfig, workdir: Path, emb_dir: Path) -> tuple[dict[str, Any], dict]:
-    import json
-
-    from data_curation.embed import PLAN_FILE
-    from data_curation.index import index_from_config
-
     c = cfg.calibrate
     pool_plan = json.loads((emb_dir / PLAN_FILE).read_text())["settings"]
     rng = np.random.default_rng(c.seed + 2)
@@ -344,7 +332,7 @@ def calibrate_fingerprint(workdir: Path, cfg: CurationConfig) -> str:
 
 
 def _check(cfg: CurationConfig) -> None:
-    from dinov2.data.copy_augmentations import check_kinds
+    from dinov2.data.copy_augmentations import check_kinds  # lazy: torch (~2 s); curation modules import without it
 
     c = cfg.calibrate
     try:
@@ -362,8 +350,6 @@ def _check(cfg: CurationConfig) -> None:
 
 def run_calibrate(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``calibrate`` stage (see the module docstring)."""
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     _check(cfg)
@@ -371,8 +357,6 @@ def run_calibrate(workdir: str | Path, cfg: CurationConfig | None = None, force:
     fp = calibrate_fingerprint(workdir, cfg)
 
     def compute(out: Path) -> dict[str, Any]:
-        from data_curation.plots import contact_sheet, similarity_histograms
-
         dedup, series, examples = _calibrate_dedup(cfg, emb_dir)
         target = cfg.calibrate.target_precision
         panels = [(f"dedup (target precision {target})", series, dedup["threshold"])]

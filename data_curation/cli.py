@@ -32,6 +32,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from data_curation.config import load_curation_config
+from data_curation.errors import CurationError
+from dinov2.config import ConfigError
+
 STAGES = MappingProxyType(
     {
         "embed": "data_curation.embed:run_embed",
@@ -102,9 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dinov2-curate: error: unknown stage(s) {unknown}; stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
 
-    from data_curation.config import load_curation_config
-    from dinov2.config import ConfigError
-
     try:
         cfg = load_curation_config(args.config, args.overrides)
     except ConfigError as e:
@@ -124,9 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_stages(names: Sequence[str], workdir: Path, cfg: Any, force: bool) -> int:
     """Run ``names`` in order, printing one JSON summary line each; 2 with one error line on a user error."""
-    from data_curation.errors import CurationError
-    from dinov2.config import ConfigError
-
     log = logging.getLogger("dinov2-curate")
     for name in names:
         try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from dinov2.config import AmpName, CopyAugmentConfig, CopyKind
+from dinov2.config import AmpName, CopyAugmentConfig, CopyKind, load_config
 
 
 @dataclass
@@ -235,6 +235,4 @@ class CurationConfig:
 
 def load_curation_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> CurationConfig:
     """Schema defaults ← YAML ``path`` (or a preset such as ``curation/default``) ← overrides."""
-    from dinov2.config import load_config
-
     return load_config(path, overrides, schema=CurationConfig)

@@ -22,19 +22,19 @@ Stage outputs (``<workdir>/decontaminate/``): ``kept.npy`` (sorted global rows),
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json
+from data_curation.calibrate import resolved_threshold
+from data_curation.config import CurationConfig, IndexConfig
 from data_curation.errors import CurationError
 from data_curation.index import index_from_config, iter_search
 from data_curation.workdir import check_removed_fraction, fingerprint, funnel, read_done, resolve_path, run_stage
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig, IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ def nearest_eval_similarity(
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each pool row: (cosine similarity to its nearest evaluation row, that row's index)."""
-    from data_curation.config import IndexConfig
-
     index = index_from_config(eval_emb, index_cfg or IndexConfig())
     best = np.full(len(pool), -np.inf, dtype=np.float32)
     nearest = np.full(len(pool), -1, dtype=np.int64)
@@ -68,11 +66,6 @@ def drop_flagged_components(kept: np.ndarray, labels: np.ndarray, flagged_rows: 
 
 def run_decontaminate(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``decontaminate`` stage (see the module docstring); needs ``decontaminate.eval_sets``."""
-    from dataclasses import replace
-
-    from data_curation.calibrate import resolved_threshold
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     c = cfg.decontaminate

@@ -24,13 +24,16 @@ the embedding links everything into one component — unless ``--force`` is give
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json, write_lines
+from data_curation.calibrate import resolved_threshold
+from data_curation.config import CurationConfig, DedupConfig, IndexConfig
 from data_curation.errors import CurationError
 from data_curation.index import index_from_config, iter_search
 from data_curation.union_find import connected_components
@@ -42,9 +45,6 @@ from data_curation.workdir import (
     resolve_path,
     run_stage,
 )
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig, DedupConfig, IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,6 @@ def find_duplicate_pairs(
     neighbours (itself included); the self match is dropped and symmetric duplicates merged.
     Only the pairs above threshold are kept from each batch, so memory stays bounded.
     """
-    from data_curation.config import IndexConfig
-
     if len(emb) < 2:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     cfg = index_cfg or IndexConfig()
@@ -212,8 +210,6 @@ def components_report(
 
 def run_dedup(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``dedup`` stage: read the work dir's embeddings, write ``dedup/`` (see module docstring)."""
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     emb_dir = resolve_path(workdir, cfg.embeddings)
@@ -260,10 +256,6 @@ def run_dedup(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
 def dedup_settings(workdir: Path, cfg: CurationConfig) -> tuple[DedupConfig, str]:
     """``cfg.dedup`` checked, with its threshold resolved (``auto``: calibrate's), and the stage's
     fingerprint (shared with the sharded search of ``data_curation.slurm``)."""
-    from dataclasses import replace
-
-    from data_curation.calibrate import resolved_threshold
-
     d = cfg.dedup
     if d.keep not in KEEP_RULES:
         raise CurationError(f"dedup.keep must be one of {', '.join(KEEP_RULES)}, got {d.keep!r}")

@@ -46,28 +46,32 @@ time and throughput (the measured figures ``docs/curation.md`` scales from).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
 from data_curation import embeddings as emb_io
-from data_curation.atomic import write_json
+from data_curation.atomic import read_lines, write_json
+from data_curation.config import CurationConfig, EmbedConfig, EmbedInputConfig, EmbedModelConfig
 from data_curation.errors import CurationError
-from data_curation.whitening import WHITENING_FILE
+from data_curation.whitening import WHITENING_FILE, fit_whitening
 from data_curation.workdir import fingerprint, funnel, resolve_path
+from dinov2.config import DatasetConfig
 
 if TYPE_CHECKING:
     import torch
-
-    from data_curation.config import CurationConfig, EmbedConfig, EmbedInputConfig, EmbedModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +116,12 @@ def absolute_path(path: str) -> str:
 
 def resolved_input(inp: EmbedInputConfig) -> EmbedInputConfig:
     """A copy of ``inp`` with absolute paths (array jobs may start in another directory)."""
-    from dataclasses import replace
-
     return replace(inp, path=absolute_path(inp.path), subset_path=absolute_path(inp.subset_path))
 
 
 def build_input(inp: EmbedInputConfig) -> Any:
     """The :class:`dinov2.data.base.ImageDataset` that ``embed.input`` names."""
-    from dinov2.config import DatasetConfig
-    from dinov2.data import build_dataset
+    from dinov2.data import build_dataset  # lazy: torch (~2 s); curation modules import without it
 
     if inp.kind != "demo" and not inp.path:
         raise ValueError("embed.input.path is empty: set it to the images (folder, list, manifest or blobs)")
@@ -161,7 +162,7 @@ def _weights_file(m: EmbedModelConfig) -> Path | None:
     if m.kind == "ours":
         if not m.path:
             raise ValueError("embed.model.path is empty: give our run dir or exported weights file")
-        from dinov2.eval.backbone_io import find_weights
+        from dinov2.eval.backbone_io import find_weights  # lazy: torch (~2 s); curation modules import without it
 
         return find_weights(m.path)
     if m.kind == "interop":
@@ -210,13 +211,13 @@ class LoadedModel:
 
 
 def _timm_backbone(m: EmbedModelConfig) -> tuple[Any, int, tuple, tuple]:
-    import timm
-    from torch import nn
+    import timm  # optional dependency (timm is not required)
+    from torch import nn  # lazy: torch (~2 s); curation modules import without it
 
     extra = {"img_size": m.img_size} if m.img_size else {}
     model = timm.create_model(m.name, pretrained=False, num_classes=0, **extra)
     if m.path:
-        from dinov2.interop import read_state_dict
+        from dinov2.interop import read_state_dict  # lazy: torch (~2 s); curation modules import without it
 
         state = read_state_dict(m.path)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -256,13 +257,13 @@ def load_model(m: EmbedModelConfig, device: str | torch.device = "cpu") -> Loade
     """The backbone of ``embed.model`` in eval mode on ``device``, with its default preprocessing."""
     weights = _weights_file(m)
     if m.kind == "ours":
-        from dinov2.eval.backbone_io import load_backbone
+        from dinov2.eval.backbone_io import load_backbone  # lazy: torch (~2 s); curation modules import without it
 
         backbone, train_cfg = load_backbone(weights, m.config or None, device="cpu")
         crops = train_cfg.data.crops
         loaded = LoadedModel(backbone, f"ours:{weights}", crops.global_crops_size, tuple(crops.mean), tuple(crops.std))
     elif m.kind == "interop":
-        from dinov2.interop import load_pretrained_backbone
+        from dinov2.interop import load_pretrained_backbone  # lazy: torch (~2 s); curation modules import without it
 
         backbone = load_pretrained_backbone(weights, num_heads=m.num_heads or None)
         loaded = LoadedModel(backbone, f"interop:{weights}", 224, IMAGENET_MEAN, IMAGENET_STD)
@@ -288,9 +289,7 @@ def load_model(m: EmbedModelConfig, device: str | torch.device = "cpu") -> Loade
 
 def _scripted_backbone(path: Path) -> Any:
     """A TorchScript descriptor model (see the module docstring for what loading one trusts)."""
-    import warnings
-
-    import torch
+    import torch  # lazy: torch (~2 s); curation modules import without it
 
     from data_curation.descriptor import ScriptedDescriptor
 
@@ -322,11 +321,11 @@ class Preprocess:
         return cls(e.resize or crop, crop, tuple(e.mean or model.mean), tuple(e.std or model.std), squash)
 
     def transform(self) -> Any:
-        from dinov2.eval.features import eval_transform
+        from dinov2.eval.features import eval_transform  # lazy: torch (~2 s); curation modules import without it
 
         if not self.squash:
             return eval_transform(resize=self.resize, crop=self.crop, mean=self.mean, std=self.std)
-        import torch
+        import torch  # lazy: torch (~2 s); curation modules import without it
         from torchvision.transforms import v2
 
         return v2.Compose(
@@ -370,7 +369,7 @@ def check_descriptor(e: EmbedConfig) -> None:
 
 def descriptor_model(model: LoadedModel, e: EmbedConfig) -> Any:
     """The backbone wrapped to give the descriptor ``e`` asks for (``data_curation.descriptor``)."""
-    from data_curation.descriptor import DescriptorModel
+    from data_curation.descriptor import DescriptorModel  # lazy: torch (~2 s); curation modules import without it
 
     return DescriptorModel(model.backbone, e.pooling, e.gem_p, e.scales, e.patch_mean, model.patch_size)
 
@@ -410,8 +409,6 @@ def make_plan(e: EmbedConfig, dataset: Any) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -469,8 +466,6 @@ class _NoSubstitute:
         return self.stop - self.start
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        from PIL import Image
-
         index = self.start + i
         try:
             return self.dataset.load(index), index
@@ -495,7 +490,7 @@ def embed_records(
     progress: bool = False,
 ) -> tuple[np.ndarray, list[int], list[int]]:
     """Features of records ``[start, stop)``: (rows float32 (n_ok, D), their record indices, bad records)."""
-    from dinov2.device import amp_dtype
+    from dinov2.device import amp_dtype  # lazy: torch (~2 s); curation modules import without it
     from dinov2.eval.features import extract_features
 
     feats, index = extract_features(
@@ -560,9 +555,6 @@ def finalize_embed(out: str | Path, plan: dict[str, Any] | None = None) -> dict[
 def whiten_shards(raw: Path, out: Path, raw_meta: dict[str, Any], dim: int, sample: int, seed: int = 0) -> None:
     """Fit the PCA-whitening on (a sample of) the finalized ``raw`` rows, save it as ``out/whitening.npz``,
     and write every shard whitened to ``out`` with its paths and skipped lists."""
-    from data_curation.atomic import read_lines
-    from data_curation.whitening import fit_whitening
-
     count = raw_meta["count"]
     rows = np.arange(count) if count <= sample else np.sort(np.random.default_rng(seed).choice(count, sample, False))
     fit_rows, starts = [], np.cumsum([0, *raw_meta["shard_sizes"]])
@@ -600,10 +592,7 @@ def whiten_shards(raw: Path, out: Path, raw_meta: dict[str, Any], dim: int, samp
 def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``embed`` stage (see the module docstring); returns a JSON-able summary."""
 
-    from tqdm.auto import tqdm
-
-    from data_curation.config import CurationConfig
-    from dinov2.device import resolve_device
+    from dinov2.device import resolve_device  # lazy: torch (~2 s); curation modules import without it
 
     cfg = cfg or CurationConfig()
     e = cfg.embed
@@ -612,8 +601,6 @@ def run_embed(workdir: str | Path, cfg: CurationConfig | None = None, force: boo
         raise ValueError(f"embed.dtype must be float16 or float32, got {e.dtype!r}")
     if e.shard_size < 1 or e.batch_size < 1:
         raise ValueError("embed.shard_size and embed.batch_size must be positive")
-    from dataclasses import replace
-
     e = replace(
         e,
         input=resolved_input(e.input),

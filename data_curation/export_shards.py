@@ -17,13 +17,11 @@ ever being unpacked.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from data_curation.config import CurationConfig
 from data_curation.pack import PackInput, write_shard_set
 from data_curation.workdir import resolve_path
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig
 
 
 def manifest_path(workdir: str | Path, cfg: CurationConfig) -> Path:
@@ -37,8 +35,6 @@ def manifest_path(workdir: str | Path, cfg: CurationConfig) -> Path:
 
 def run_export_shards(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``export-shards`` stage (see the module docstring); returns the summary."""
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     e = cfg.export_shards
     manifest = manifest_path(workdir, cfg)

@@ -11,28 +11,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import read_lines
+from data_curation.config import EmbedConfig
+from data_curation.embed import PLAN_FILE, build_input
 from data_curation.errors import CurationError
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from data_curation.config import EmbedConfig
 
 INFO_FILE = "embed_info.json"
 
 
 def embed_config_of(emb_dir: str | Path) -> EmbedConfig:
     """The :class:`~data_curation.config.EmbedConfig` the embeddings in ``emb_dir`` were made with."""
-    from omegaconf import OmegaConf
-
-    from data_curation.config import EmbedConfig
-
     info_file = Path(emb_dir) / INFO_FILE
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     if "embed_config" not in info:
@@ -48,8 +43,6 @@ class RowImages:
     """``load(row)``: the image of a global embedding row of ``emb_dir`` (see the module docstring)."""
 
     def __init__(self, emb_dir: str | Path) -> None:
-        from data_curation.embed import PLAN_FILE, build_input
-
         self.emb_dir = Path(emb_dir)
         self.embed_cfg = embed_config_of(emb_dir)
         plan = json.loads((self.emb_dir / PLAN_FILE).read_text())
@@ -101,8 +94,6 @@ class RowImages:
 
 def thumbnail(image: Any, size: int) -> Image.Image:
     """``image`` scaled to fit a ``size`` × ``size`` square (up or down), centred on grey."""
-    from PIL import Image
-
     image = image.convert("RGB")
     scale = size / max(image.size)
     resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)

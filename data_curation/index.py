@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     from data_curation.config import IndexConfig
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 def import_faiss() -> Any:
     """``import faiss`` with an actionable message when it is missing."""
     try:
-        import faiss
+        import faiss  # optional dependency (extra `curation`)
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "data curation needs faiss: pip install faiss-cpu (or faiss-gpu), or pip install 'dinov2-train[curation]'"
@@ -144,8 +145,6 @@ def iter_search(
     Missing neighbours (fewer than ``k`` reachable rows) have id -1. ``index`` is a faiss index or
     anything with the same ``search(queries, k)`` method (e.g. :class:`TorchFlatIndex`).
     """
-    from tqdm import tqdm
-
     k = min(k, index.ntotal)
     starts = range(0, len(queries), batch_size)
     for s in tqdm(starts, desc="search", unit="batch", disable=not progress, leave=False):
@@ -186,7 +185,7 @@ class TorchFlatIndex:
         chunk_size: int = 262144,
         dtype: str = "float32",
     ):
-        import torch
+        import torch  # lazy: torch (~2 s); curation modules import without it
 
         if metric not in ("ip", "l2"):
             raise ValueError(f"metric must be ip or l2, got {metric!r}")
@@ -202,7 +201,7 @@ class TorchFlatIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) like faiss: similarities descending for ip, squared distances ascending for l2."""
-        import torch
+        import torch  # lazy: torch (~2 s); curation modules import without it
 
         from dinov2.eval.topk import running_topk
 

@@ -29,23 +29,22 @@ after the last finished level; ``DONE``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json
+from data_curation.config import CurationConfig
 from data_curation.errors import CurationError
 from data_curation.index import build_index, import_faiss, search, want_gpu
 from data_curation.workdir import fingerprint, funnel, load_selection, resolve_path, resolve_selection, run_stage
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +243,6 @@ def save_level(folder: Path, l: int, level: Level, fp: str) -> None:
 
 def load_levels(folder: str | Path, fp: str | None = None) -> list[Level]:
     """The complete levels 1, 2, ... saved in ``folder`` (only those whose marker matches ``fp``)."""
-    import json
-
     folder = Path(folder)
     levels: list[Level] = []
     while (marker := folder / f"level{len(levels) + 1}.json").is_file():
@@ -279,8 +276,6 @@ def check_levels(n_clusters: Sequence[int], n_points: int, source: str) -> None:
 
 def run_cluster(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``cluster`` stage: hierarchical k-means of the input selection (module docstring)."""
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     c = cfg.cluster

@@ -15,12 +15,13 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import open_text_atomic, read_lines
+from data_curation.config import CurationConfig
 from data_curation.errors import CurationError
 from data_curation.workdir import (
     file_fingerprint,
@@ -31,9 +32,6 @@ from data_curation.workdir import (
     resolve_selection,
     run_stage,
 )
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +88,6 @@ def run_manifest(workdir: str | Path, cfg: CurationConfig | None = None, force: 
     (else every usable row); a ``.npy`` path of global row indices works too. Relative paths in
     ``paths.txt`` are joined to the embeddings' ``root`` when meta.json has one.
     """
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     m = cfg.manifest

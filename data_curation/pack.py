@@ -34,15 +34,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from data_curation.atomic import read_lines, write_json, write_lines
+from data_curation.config import CurationConfig, ShardSetConfig
 from data_curation.workdir import fingerprint, resolve_path
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig, ShardSetConfig
+from dinov2.config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class PackInput:
     """The images of a dataset, as :class:`PackItem` on demand (nothing per image held in Python objects)."""
 
     def __init__(self, kind: str, path: str, key: str = "pack.path"):
-        from dinov2.config import DatasetConfig
-        from dinov2.data import build_dataset
+        from dinov2.data import build_dataset  # lazy: torch (~2 s); curation modules import without it
         from dinov2.data.shards import expand_shard_paths
 
         if kind not in INPUT_KINDS:
@@ -109,7 +108,7 @@ class PackInput:
 def read_item(item: PackItem, verify: bool) -> tuple[bytes, str, int, dict[str, Any]]:
     """``(encoded image, extension, label, metadata)`` of ``item``; raises when it cannot be read
     (or, with ``verify``, decoded)."""
-    from dinov2.data.decode import decode_image
+    from dinov2.data.decode import decode_image  # lazy: torch (~2 s); curation modules import without it
     from dinov2.data.shard_index import IMAGE_EXTS
     from dinov2.data.shards import read_member, split_member_path
 
@@ -164,7 +163,7 @@ def dataset_path(out: Path, settings: ShardSetConfig, num_shards: int) -> str:
 
 def _remove_plan_files(out: Path, plan: dict[str, Any]) -> None:
     """Delete the shards (and their indexes and receipts) an earlier plan wrote — nothing else."""
-    from dinov2.data.shard_index import INDEX_SUFFIX
+    from dinov2.data.shard_index import INDEX_SUFFIX  # lazy: torch (~2 s); curation modules import without it
 
     for name in plan.get("shards", []):
         (out / name).unlink(missing_ok=True)
@@ -185,9 +184,7 @@ def write_shard_set(
     section: str = "pack",
 ) -> dict[str, Any]:
     """Write ``source`` as shards into ``out`` (see the module docstring); returns the summary."""
-    from tqdm.auto import tqdm
-
-    from dinov2.data.shard_writer import ShardWriter
+    from dinov2.data.shard_writer import ShardWriter  # lazy: torch (~2 s); curation modules import without it
 
     check_shard_set(settings, section)
     n = len(source)
@@ -233,7 +230,7 @@ def write_shard_set(
 
     order = np.arange(n, dtype=np.int64)
     if settings.shuffle:
-        from dinov2.data.seeding import numpy_rng
+        from dinov2.data.seeding import numpy_rng  # lazy: torch (~2 s); curation modules import without it
 
         numpy_rng(settings.seed, n).shuffle(order)
     todo = [s for s in range(num_shards) if not (out / names[s]).is_file()]
@@ -315,8 +312,6 @@ def read_skipped(out: str | Path) -> list[str]:
 # ------------------------------------------------------------------------------------------- stage
 def run_pack(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``pack`` stage (see the module docstring); returns the summary."""
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     p = cfg.pack
     source = PackInput(p.kind, os.path.abspath(os.path.expanduser(p.path)) if p.path else "")

@@ -13,18 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from data_curation.atomic import atomic_path
+from data_curation.images import thumbnail
 
 log = logging.getLogger(__name__)
 
 
 def _pyplot() -> Any:
     try:
-        import matplotlib
+        import matplotlib  # optional dependency (extra `curation`)
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional dependency (extra `curation`)
     except ImportError:
         log.warning("matplotlib is not installed: no charts (pip install matplotlib)")
         return None
@@ -103,10 +105,6 @@ def contact_sheet(
     path: str | Path, rows: Sequence[tuple[str, Sequence[Any]]], thumb: int = 64, label_width: int = 230
 ) -> Path:
     """One row per ``(caption, images)``: the caption on the left, the images as ``thumb``-pixel squares."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from data_curation.images import thumbnail
-
     columns = max((len(images) for _, images in rows), default=1)
     pad = 4
     sheet = Image.new(

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import write_text
+from data_curation.calibrate import headline
+from data_curation.config import CurationConfig
 from data_curation.errors import CurationError
+from data_curation.images import RowImages
+from data_curation.index import index_from_config, search
+from data_curation.plots import bar_chart, contact_sheet
 from data_curation.workdir import fingerprint, read_done, resolve_path, run_stage
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ def pairs_near_threshold(
 ) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
     """(the ``n`` dedup pairs with the lowest similarity above ``threshold``, the ``n`` nearest-neighbour
     pairs with the highest similarity at or below it), as global (row, row, cosine)."""
-    from data_curation.index import index_from_config, search
-
     above = np.sort(pairs, order="sim")[:n]
     above_list = [(int(p["i"]), int(p["j"]), float(p["sim"])) for p in above]
     rng = np.random.default_rng(0)
@@ -92,8 +92,6 @@ def pairs_near_threshold(
 
 def run_report(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``report`` stage (see the module docstring)."""
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     emb_dir = resolve_path(workdir, cfg.embeddings)
@@ -111,8 +109,6 @@ def run_report(workdir: str | Path, cfg: CurationConfig | None = None, force: bo
 
 
 def write_report(workdir: Path, cfg: CurationConfig, emb_dir: Path, out: Path, done: dict[str, Any]) -> dict[str, Any]:
-    from data_curation.plots import bar_chart, contact_sheet
-
     lines = [f"# Curation report: `{workdir}`", ""]
     pictures: list[str] = []
     funnel = stage_funnel(workdir, emb_dir)
@@ -135,8 +131,6 @@ def write_report(workdir: Path, cfg: CurationConfig, emb_dir: Path, out: Path, d
 
     calibrate = done.get("calibrate")
     if calibrate is not None:
-        from data_curation.calibrate import headline
-
         lines += ["## Calibration", ""]
         for name, part in calibrate["summary"].items():
             if part is not None:
@@ -248,8 +242,6 @@ def _pair_rows(images: Any, pairs: list[tuple[int, int, float]], what: str, per_
 
 
 def _row_images(emb_dir: Path) -> Any:
-    from data_curation.images import RowImages
-
     try:
         return RowImages(emb_dir)
     except (CurationError, OSError, ValueError) as e:

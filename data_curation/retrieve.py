@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json
+from data_curation.config import CurationConfig, IndexConfig, RetrieveConfig
 from data_curation.errors import CurationError
 from data_curation.index import index_from_config, search
 from data_curation.kmeans import assign, train_kmeans
@@ -39,9 +40,6 @@ from data_curation.workdir import (
     resolve_selection,
     run_stage,
 )
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig, IndexConfig, RetrieveConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +55,6 @@ def sample_based(
     progress: bool = False,
 ) -> np.ndarray:
     """Sorted unique pool indices among the ``k`` nearest neighbours of any query."""
-    from data_curation.config import IndexConfig
-
     index = index if index is not None else index_from_config(pool, index_cfg or IndexConfig())
     sims, ids = search(index, queries, k, batch_size=batch_size, progress=progress)
     return np.unique(ids[(ids >= 0) & (sims >= min_similarity)])
@@ -99,8 +95,6 @@ def cluster_based(
 
 def run_retrieve(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``retrieve`` stage (see the module docstring); needs ``retrieve.query_sets``."""
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     r = cfg.retrieve

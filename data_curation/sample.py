@@ -17,17 +17,15 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from data_curation.atomic import save_npy, write_json
+from data_curation.config import CurationConfig
 from data_curation.errors import CurationError
 from data_curation.kmeans import Level, load_levels, point_labels
 from data_curation.workdir import fingerprint, funnel, read_done, run_stage
-
-if TYPE_CHECKING:
-    from data_curation.config import CurationConfig
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +108,6 @@ def entropy(labels: np.ndarray) -> float:
 
 def run_sample(workdir: str | Path, cfg: CurationConfig | None = None, force: bool = False) -> dict[str, Any]:
     """The ``sample`` stage: balanced sample of the ``cluster`` stage's pool (module docstring)."""
-    from data_curation.config import CurationConfig
-
     cfg = cfg or CurationConfig()
     workdir = Path(workdir)
     s = cfg.sample

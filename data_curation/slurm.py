@@ -26,6 +26,7 @@ and the :class:`~data_curation.config.CurationConfig` (with absolute paths).
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -36,7 +37,10 @@ import numpy as np
 
 from data_curation import embeddings as emb_io
 from data_curation.atomic import save_npy, write_json, write_lines
-from data_curation.workdir import resolve_path, run_stage
+from data_curation.dedup import PAIR_DTYPE, components, components_report, dedup_report, dedup_settings, select_keep
+from data_curation.embed import absolute_path, resolved_input, run_embed
+from data_curation.index import import_faiss, index_from_config, iter_search, want_gpu
+from data_curation.workdir import check_removed_fraction, funnel, resolve_path, run_stage
 
 if TYPE_CHECKING:
     from data_curation.config import CurationConfig
@@ -68,15 +72,13 @@ class ShardTask:
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """After a timeout or preemption submitit resubmits this task; it resumes from its files."""
-        import submitit
+        import submitit  # optional dependency (extra `slurm`)
 
         return submitit.helpers.DelayedSubmission(replace(self, force=False))
 
 
 def embed_task(workdir: Path, cfg: CurationConfig, task_index: int, num_tasks: int, force: bool = False) -> dict:
     """Array task of the embed stage."""
-    from data_curation.embed import run_embed
-
     cfg = replace(cfg, embed=replace(cfg.embed, task_index=task_index, num_tasks=num_tasks))
     return run_embed(workdir, cfg, force)
 
@@ -91,8 +93,6 @@ STAGE_TASKS = {"embed": "data_curation.slurm:embed_task", "dedup-search": "data_
 
 def absolute_config(cfg: CurationConfig) -> CurationConfig:
     """``cfg`` with the embed stage's input and model paths made absolute (tasks may start elsewhere)."""
-    from data_curation.embed import absolute_path, resolved_input
-
     e = cfg.embed
     model = replace(e.model, path=absolute_path(e.model.path), config=absolute_path(e.model.config))
     return replace(cfg, embed=replace(e, input=resolved_input(e.input), model=model))
@@ -101,7 +101,7 @@ def absolute_config(cfg: CurationConfig) -> CurationConfig:
 def make_executor(folder: str | Path, options: Mapping[str, Any] | None = None) -> Any:
     """A submitit ``AutoExecutor`` logging to ``folder``; ``options`` go to ``update_parameters``
     (``cluster`` picks the executor: ``slurm``, ``local`` or ``debug``; default: auto-detected)."""
-    import submitit
+    import submitit  # optional dependency (extra `slurm`)
 
     options = dict(options or {})
     cluster = options.pop("cluster", None)
@@ -241,14 +241,10 @@ def usable_rows(directory: str | Path) -> np.ndarray:
 
 def _dedup_fingerprint(workdir: Path, cfg: CurationConfig) -> str:
     """The fingerprint the dedup stage gives its DONE file (``data_curation.dedup.dedup_settings``)."""
-    from data_curation.dedup import dedup_settings
-
     return dedup_settings(Path(workdir), cfg)[1]
 
 
 def _search_plan(folder: Path) -> dict[str, Any]:
-    import json
-
     plan_file = folder / "plan.json"
     if not plan_file.is_file():
         raise FileNotFoundError(f"{plan_file} not found: run data_curation.slurm.prepare_search first")
@@ -265,9 +261,6 @@ def prepare_search(
     cosine from the embeddings before applying ``threshold``. With the default 0 the result is the
     dedup stage's exactly.
     """
-    from data_curation.dedup import dedup_settings
-    from data_curation.index import import_faiss, index_from_config
-
     workdir = Path(workdir)
     folder = workdir / SEARCH_DIR
     d, fp = dedup_settings(workdir, cfg)  # runs calibrate first for dedup.threshold=auto
@@ -307,9 +300,6 @@ def search_shard(
     workdir: str | Path, cfg: CurationConfig, task_index: int, num_tasks: int, force: bool = False
 ) -> dict[str, Any]:
     """Search query block ``task_index`` against the whole pool; pairs above threshold → ``pairs_{i}.npy``."""
-    from data_curation.dedup import PAIR_DTYPE
-    from data_curation.index import import_faiss, index_from_config, iter_search, want_gpu
-
     workdir = Path(workdir)
     folder = workdir / SEARCH_DIR
     plan = _search_plan(folder)
@@ -362,9 +352,6 @@ def merge_pairs(pairs: np.ndarray) -> np.ndarray:
 
 def merge_search(workdir: str | Path, cfg: CurationConfig, force: bool = False) -> dict[str, Any]:
     """The dedup stage's outputs from the search parts (all must be present)."""
-    from data_curation.dedup import PAIR_DTYPE, components, components_report, dedup_report, dedup_settings, select_keep
-    from data_curation.workdir import check_removed_fraction, funnel
-
     workdir = Path(workdir)
     folder = workdir / SEARCH_DIR
     plan = _search_plan(folder)

@@ -25,10 +25,10 @@ from dinov2.data.arrays import ArrayDataset
 from dinov2.data.base import ImageDataset, require_path
 from dinov2.data.blobs import BlobDataset
 from dinov2.data.demo import DemoDataset
-from dinov2.data.filelist import FileListDataset
-from dinov2.data.folder import ImageFolderDataset
+from dinov2.data.filelist import FileListDataset, read_csv_rows
+from dinov2.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from dinov2.data.manifest import ManifestDataset
-from dinov2.data.shards import ShardDataset
+from dinov2.data.shards import PATTERN_SEPARATOR, ShardDataset
 
 if TYPE_CHECKING:
     from dinov2.config import DatasetConfig
@@ -39,8 +39,6 @@ SPLIT_KINDS = ("demo", "blobs", "cifar10_blobs")  # kinds whose split selects ot
 
 def guess_kind(path: str) -> str | None:
     """The dataset kind ``path`` looks like (see the module docstring); None when it looks like none."""
-    from dinov2.data.shards import PATTERN_SEPARATOR
-
     if PATTERN_SEPARATOR in path or path.endswith(".tar") or ("{" in path and ".tar" in path):
         return "shards"
     if os.path.isdir(path):
@@ -49,8 +47,6 @@ def guess_kind(path: str) -> str | None:
     if lower.endswith(".npz"):
         return "arrays"
     if lower.endswith(".csv"):
-        from dinov2.data.filelist import read_csv_rows
-
         header, _ = read_csv_rows(path) if os.path.isfile(path) else (None, [])
         return "manifest" if header is not None and "source" in header else "filelist"
     if lower.endswith(".txt"):
@@ -59,8 +55,6 @@ def guess_kind(path: str) -> str | None:
 
 
 def _has_images(path: str) -> bool:
-    from dinov2.data.folder import IMAGE_EXTENSIONS
-
     return any(name.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(path) for name in files)
 
 

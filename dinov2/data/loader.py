@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from dinov2.config import ConfigError
 from dinov2.data.augmentations import MultiCropAugmentation
 from dinov2.data.augmented import AugmentedDataset
 from dinov2.data.base import ImageDataset
@@ -86,8 +87,6 @@ def build_train_loader(
     """
     dataset = build_dataset(cfg.dataset) if dataset is None else dataset
     if cfg.shuffle_window < 0 or (cfg.shuffle_window and not hasattr(dataset, "shard_sizes")):
-        from dinov2.config import ConfigError
-
         raise ConfigError(
             f"data.shuffle_window={cfg.shuffle_window}: needs a value >= 0, and data.dataset.kind=shards when > 0"
         )

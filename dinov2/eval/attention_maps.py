@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 # Anchor colours of the fallback colormap (dark → purple → orange → pale yellow), RGB in [0, 1].
@@ -77,7 +78,7 @@ def colorize(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
     """Values in [0, 1] of any shape → RGB float32 of shape ``(*values.shape, 3)``."""
     values = np.clip(values, 0.0, 1.0)
     try:
-        import matplotlib
+        import matplotlib  # optional dependency (extra `curation`); fallback ramp below
 
         return np.asarray(matplotlib.colormaps[cmap](values)[..., :3], dtype=np.float32)
     except ImportError:
@@ -125,8 +126,6 @@ def save_attention_overlays(
     head looks, not how strongly. ``interpolation`` is ``"nearest"`` (patch blocks) or ``"bilinear"``.
     ``labels`` adds the header row naming the columns (:func:`column_names`).
     """
-    from PIL import Image, ImageDraw
-
     rgb = to_uint8_images(images, mean, std)
     b, height, width, _ = rgb.shape
     if maps.ndim != 4 or maps.shape[0] != b:

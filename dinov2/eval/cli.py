@@ -34,6 +34,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dinov2.config import DatasetConfig
+from dinov2.data import build_dataset
+from dinov2.data.datasets import same_images
+from dinov2.device import amp_dtype, resolve_device
+from dinov2.distributed.comm import rank_and_world
+from dinov2.eval.attention_maps import attention_maps, column_names, save_attention_overlays
+from dinov2.eval.backbone_io import find_weights, is_training_checkpoint, load_backbone
+from dinov2.eval.features import eval_sizes, eval_transform, extract_features
+from dinov2.eval.holdout import holdout_note, holdout_sets
+from dinov2.eval.knn import knn_classify
+from dinov2.eval.linear import linear_probe
+
 MODES = ("knn", "linear", "attention")
 
 
@@ -55,8 +71,6 @@ def parse_dataset_spec(spec: str) -> tuple[str, str, list[str]]:
 
 
 def _dataset_config(kind: str, path: str, split: str, options: Sequence[str]) -> Any:
-    from dinov2.config import DatasetConfig
-
     cfg = DatasetConfig(kind=kind, path=path, split=split)
     names = {f.name: f for f in dataclasses.fields(DatasetConfig)}
     for item in options:
@@ -166,9 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ running
 def _init_distributed(device_arg: str) -> bool:
     """Join the process group torchrun describes (when WORLD_SIZE > 1); True if this call did."""
-    import torch
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     use_cuda = torch.cuda.is_available() and device_arg != "cpu"
@@ -192,14 +203,6 @@ def _format_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one evaluation mode; returns the results (also printed and written by rank 0)."""
-
-    from dinov2.data import build_dataset
-    from dinov2.data.datasets import same_images
-    from dinov2.device import amp_dtype, resolve_device
-    from dinov2.distributed.comm import rank_and_world
-    from dinov2.eval.backbone_io import find_weights, is_training_checkpoint, load_backbone
-    from dinov2.eval.features import eval_sizes, eval_transform
-    from dinov2.eval.holdout import holdout_note, holdout_sets
 
     started_dist = _init_distributed(args.device)
     try:
@@ -255,8 +258,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return results
     finally:
         if started_dist:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
@@ -270,10 +271,6 @@ def _free_suffix(output_dir: Path, mode: str) -> str:
 
 
 def _run_knn(args, backbone, train_set, test_set, common, ecfg) -> dict[str, Any]:
-    from dinov2.distributed.comm import rank_and_world
-    from dinov2.eval.features import extract_features
-    from dinov2.eval.knn import knn_classify
-
     ks = list(_pick(args.ks, ecfg.knn_k))
     temperature = _pick(args.temperature, ecfg.knn_temperature)
     train_f, train_y = extract_features(backbone, train_set, gather=False, **common)  # sharded when distributed
@@ -295,10 +292,6 @@ def _run_knn(args, backbone, train_set, test_set, common, ecfg) -> dict[str, Any
 
 
 def _run_linear(args, backbone, train_set, test_set, common, ecfg) -> dict[str, Any]:
-    from dinov2.distributed.comm import rank_and_world
-    from dinov2.eval.features import extract_features
-    from dinov2.eval.linear import linear_probe
-
     patch_mean = _pick(args.patch_mean, ecfg.linear_patch_mean)
     feats = {"patch_mean": patch_mean, "normalize": False}
     train_f, train_y = extract_features(backbone, train_set, **feats, **common)
@@ -329,11 +322,6 @@ def _run_linear(args, backbone, train_set, test_set, common, ecfg) -> dict[str, 
 
 
 def _run_attention(args, backbone, test_set, transform, crops, ecfg, output_dir, rank, suffix="") -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    from dinov2.eval.attention_maps import attention_maps, column_names, save_attention_overlays
-
     count = min(_pick(args.num_images, ecfg.attention_num_images), len(test_set))
     picks = np.unique(np.linspace(0, len(test_set) - 1, count).round().astype(int)).tolist()
     images = torch.stack([transform(test_set[i][0]) for i in picks])

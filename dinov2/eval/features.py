@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from dinov2.device import autocast
 from dinov2.distributed.comm import rank_and_world
@@ -41,7 +42,7 @@ def eval_transform(
     both ``None`` for small images (e.g. 32 px CIFAR) that the backbone takes as they are. The
     classic ImageNet protocol is ``resize=256, crop=224``.
     """
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # lazy: torchvision adds ~3 s to importing this module
 
     steps: list[Any] = [v2.ToImage()]
     if resize is not None:
@@ -147,8 +148,6 @@ def extract_features(
         pin_memory=device.type == "cuda",
     )
     mixed_precision = autocast(device, amp_dtype)
-    from tqdm.auto import tqdm
-
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []

@@ -19,12 +19,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from dinov2.config import ModelConfig
 from dinov2.interop.common import (
     HEADS_BY_WIDTH,
     StateDict,
@@ -34,9 +38,9 @@ from dinov2.interop.common import (
 )
 from dinov2.interop.hf_layout import from_hf, hf_config_kwargs, to_hf
 from dinov2.interop.timm_layout import from_timm, timm_model_kwargs, to_timm
+from dinov2.models import ARCHS, build_backbone
 
 if TYPE_CHECKING:
-    from dinov2.config import ModelConfig
     from dinov2.models import DinoVisionTransformer
 
 __all__ = [
@@ -151,8 +155,6 @@ def read_state_dict(path: str | Path, prefix: str = "") -> StateDict:
 
 def _read_file(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     obj = torch.load(path, map_location="cpu", weights_only=True)
     while isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
@@ -178,8 +180,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(file), framework="pt") as f:
                 out.update(f.metadata() or {})
     return out
@@ -229,11 +229,6 @@ def load_pretrained_backbone(
     weights. Heads: ``num_heads``, else ``model_cfg.num_heads``, else the HF DINOv2 config.json in / next to ``path``,
     else the arch's default if its width matches, else by width (384 → 6, 768 → 12, 1024 → 16,
     1536 → 24, head dim 64)."""
-    from dataclasses import replace
-
-    from dinov2.config import ModelConfig
-    from dinov2.models import ARCHS, build_backbone
-
     state = load_state_dict_any(read_state_dict(path, prefix), layout)
     found = infer_arch(state)
     cfg = model_cfg if model_cfg is not None else ModelConfig()

@@ -13,6 +13,8 @@ from types import MappingProxyType
 
 from torch import Tensor, nn
 
+from dinov2.layers import LayerScale, SwiGLUFFN
+
 StateDict = dict[str, Tensor]
 
 BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -48,8 +50,6 @@ class BackboneArch:
 
 def describe(backbone: nn.Module) -> BackboneArch:
     """Architecture of one of our ``DinoVisionTransformer`` modules."""
-    from dinov2.layers import LayerScale, SwiGLUFFN
-
     block = backbone.blocks[0]
     mlp = block.mlp
     swiglu = isinstance(mlp, SwiGLUFFN)

@@ -196,7 +196,7 @@ def timm_model_kwargs(backbone: nn.Module, *, no_embed_class: bool | None = None
         "dynamic_img_size": True,
     }
     if arch.ffn_layer == "swiglu":
-        from timm.layers import SwiGLUPacked
+        from timm.layers import SwiGLUPacked  # optional dependency (timm is not required)
 
         # timm's Block builds mlp_layer(hidden_features=int(dim * mlp_ratio)) = both halves together
         kwargs["mlp_ratio"] = ratio_for_width(2 * arch.ffn_hidden, arch.embed_dim)

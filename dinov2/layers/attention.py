@@ -115,7 +115,7 @@ def document_block_mask(seqs: Seqs, device: torch.device, block: int = FLEX_BLOC
     of its query block and key block do not overlap, *full* when both blocks lie inside one and the
     same sequence, and *partial* otherwise (only partial tiles evaluate the mask function). Memory is
     ``O(T + (T / block)²)`` — never ``T × T`` — and nothing synchronises with the host."""
-    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask  # lazy: ~1 s to import, only the flex backend needs it
 
     total = sum(b * n for b, n in seqs)
     num_blocks = -(-total // block)
@@ -177,7 +177,7 @@ class FlexAttention(AttentionBackend):
     needs_meta = True
 
     def __init__(self, compile: bool) -> None:
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch.nn.attention.flex_attention import flex_attention  # lazy: ~1 s to import
 
         self._flex = flex_attention
         self._eager = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
@@ -201,7 +201,7 @@ class VarlenAttention(AttentionBackend):
         return cu_seqlens(seqs, device), max(n for _, n in seqs)
 
     def __call__(self, qkv: Tensor, seqs: Seqs, meta: Any = None) -> Tensor:
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn  # lazy: ~1-2 s to import, only this backend needs it
 
         cu, max_len = meta if meta is not None else self.prepare(seqs, qkv.device)
         q, k, v = qkv.unbind(1)  # (T, H, hd) each
@@ -214,12 +214,12 @@ class XformersAttention(AttentionBackend):
     needs_meta = True
 
     def prepare(self, seqs: Seqs, device: torch.device):
-        from xformers.ops import fmha
+        from xformers.ops import fmha  # optional dependency (extra `xformers`)
 
         return fmha.BlockDiagonalMask.from_seqlens([n for b, n in seqs for _ in range(b)])
 
     def __call__(self, qkv: Tensor, seqs: Seqs, meta: Any = None) -> Tensor:
-        from xformers.ops import fmha
+        from xformers.ops import fmha  # optional dependency
 
         bias = meta if meta is not None else self.prepare(seqs, qkv.device)
         q, k, v = (t.unsqueeze(0) for t in qkv.unbind(1))  # (1, T, H, hd)
@@ -321,7 +321,7 @@ class AttentionDispatcher:
                 return self._fallback(name, device, str(e))
         else:  # xformers
             try:
-                import xformers.ops  # noqa: F401
+                import xformers.ops  # noqa: F401 — optional dependency: probe that it imports
             except Exception as e:  # noqa: BLE001 — a broken install raises more than ImportError
                 return self._fallback(name, device, f"import failed ({type(e).__name__})")
             candidate = XformersAttention()
