@@ -23,6 +23,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: make the `bench
 
 import torch  # noqa: E402
 
+from benchmarks.throughput import bench_ssl  # noqa: E402
 from dinov2.config import load_config  # noqa: E402
 from dinov2.distributed.env import distributed_session  # noqa: E402
 
@@ -30,8 +31,6 @@ from dinov2.distributed.env import distributed_session  # noqa: E402
 def measure(cfg, batch_size: int, steps: int, warmup: int, device: torch.device, env) -> tuple[float, float]:
     """(images/s, peak GiB) of ``steps`` timed iterations after ``warmup``: the trainer's build and step
     (``benchmarks.throughput.bench_ssl``: ``build_training`` + ``train_step``)."""
-    from benchmarks.throughput import bench_ssl
-
     images_per_s, peak, _, _ = bench_ssl(cfg, batch_size, device, steps, warmup, env)
     return images_per_s, peak
 

@@ -491,21 +491,21 @@ def load_config(
 
 
 def load_run_config(path: str | Path) -> Config:
-    """The configuration a run saved (its ``config.yaml``, or an export's, as :func:`to_yaml` wrote it), with
-    the keys of older versions read as what replaced them. A saved file holds every key, so the translation
-    is exact: ``loss.ibot_separate_head: true`` keeps the file's ``ibot_head`` block, ``false`` makes it null.
-    A file with ``_base_`` is a preset, not a saved run: it loads as :func:`load_config` loads it."""
-    path = resolve_config_path(path)
-    layer = OmegaConf.load(path)
-    if not isinstance(layer, DictConfig) or "_base_" in layer:
-        return load_config(path)
+    """The configuration a run saved (its ``config.yaml``, or an export's, as :func:`to_yaml` wrote it). Keys
+    of older versions are read as what replaced them (:func:`_upgrade_saved_layer`), as in any file
+    :func:`load_config` reads."""
+    return load_config(path)
+
+
+def _upgrade_saved_layer(layer: DictConfig) -> None:
+    """Read the keys of an older version in a complete file (one that holds the ``ibot_head`` block, as every
+    saved ``config.yaml`` does, so the translation is exact): ``loss.ibot_separate_head: true`` keeps the
+    file's ``ibot_head`` block, ``false`` makes it null. A partial file or an override that still sets the
+    flag gets :data:`REPLACED_KEYS`' one-line error instead."""
     loss = layer.get("loss")
-    if isinstance(loss, DictConfig) and "ibot_separate_head" in loss:
-        separate = loss.pop("ibot_separate_head")
-        layer["ibot_head"] = layer.get("ibot_head", {}) if separate else None
-    cfg = OmegaConf.structured(Config)
-    OmegaConf.set_struct(cfg, True)
-    return OmegaConf.to_object(_merge(cfg, layer, Config, str(path)))  # type: ignore[return-value]
+    if "ibot_head" in layer and isinstance(loss, DictConfig) and "ibot_separate_head" in loss:
+        if not loss.pop("ibot_separate_head"):
+            layer["ibot_head"] = None
 
 
 def _yaml_chain(path: Path) -> list[tuple[Path, DictConfig]]:
@@ -521,6 +521,8 @@ def _yaml_chain(path: Path) -> list[tuple[Path, DictConfig]]:
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{path} must hold a mapping at the top level")
         base = layer.pop("_base_", None)
+        if base is None:
+            _upgrade_saved_layer(layer)
         chain.append((path, layer))
         if base is None:
             break

@@ -126,7 +126,7 @@ def _older_saved_config(path: Path, separate: bool, **overrides) -> None:
 def test_a_run_saved_by_an_older_version_reads_the_flag_as_ibot_head(tmp_path):
     """A run directory's ``config.yaml`` from before ``ibot_head`` was optional: the flag's meaning is kept
     (true: the saved block is the head; false: the block was unused, the head is shared) where a saved run
-    is read (resuming it, distilling from it, evaluating its export)."""
+    is read (resuming it, distilling from it, evaluating its export, passing it back as ``--config``)."""
     from dinov2.config import HeadConfig, load_run_config
     from dinov2.train.run_dir import check_run_dir, differing_run_keys
 
@@ -135,6 +135,8 @@ def test_a_run_saved_by_an_older_version_reads_the_flag_as_ibot_head(tmp_path):
         cfg = load_run_config(tmp_path / "config.yaml")
         want = HeadConfig(out_dim=4096, hidden_dim=512, bottleneck_dim=64, nlayers=2, mlp_init="fan_in")
         assert cfg.ibot_head == (want if separate else None)
+        # dinov2-train --config RUN/config.yaml: the same file as a --config, with overrides on top
+        assert load_config(tmp_path / "config.yaml", ["optim.epochs=3"]).ibot_head == cfg.ibot_head
         same_head = [f"ibot_head.{k}={v}" for k, v in vars(want).items()] if separate else []
         check_run_dir(load_config(None, [f"train.output_dir={tmp_path}", *same_head]))  # the same run: resumable
         # sharing or not is part of what a run directory's checkpoints are: switching is refused

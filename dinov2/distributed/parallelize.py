@@ -101,12 +101,19 @@ def apply_activation_checkpointing(backbone: nn.Module, mode: str) -> None:
     here the module tree, parameter names and ``state_dict`` keys stay exactly those of the unwrapped
     model. The block's hooks (FSDP2's all-gather, forward hooks) still run around the checkpointed
     forward, and ``copy.deepcopy`` rebinds the wrapper to the copy."""
-    if mode not in AC_MODES:
-        raise ValueError(f"unknown distributed.activation_checkpointing '{mode}' (choose from {', '.join(AC_MODES)})")
+    chosen = set(checkpointed_blocks(mode, len(backbone.blocks)))
     for i, block in enumerate(backbone.blocks):
         block.__dict__.pop("forward", None)
-        if mode == "full" or (mode == "selective" and i % 2 == 0):
+        if i in chosen:
             block.forward = MethodType(_checkpointed_forward, block)
+
+
+def checkpointed_blocks(mode: str, depth: int) -> list[int]:
+    """The indices of the blocks ``mode`` checkpoints: none, every second one from the first
+    (``selective``), or all (``full``); the memory plan counts the same ones."""
+    if mode not in AC_MODES:
+        raise ValueError(f"unknown distributed.activation_checkpointing '{mode}' (choose from {', '.join(AC_MODES)})")
+    return {"none": [], "selective": list(range(0, depth, 2)), "full": list(range(depth))}[mode]
 
 
 def block_kind(block: nn.Module) -> tuple:

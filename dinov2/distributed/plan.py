@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from dinov2.config import Config
+from dinov2.config import Amp, Config
 from dinov2.distributed.mesh import mesh_shape
+from dinov2.distributed.parallelize import AC_MODES, checkpointed_blocks
 
 GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-AC_MODES = ("none", "selective", "full")
 HEAD_NAMES = ("dino_head", "ibot_head")
 
 
@@ -149,10 +149,10 @@ def activation_bytes(cfg: Config, student: NetworkShapes, batch: int, mode: str,
     dim = student.shapes["backbone.cls_token"][-1]
     depth = len(student.blocks)
     hidden, swiglu = _ffn_width(student)
-    scale = 1 if cfg.train.amp == "bf16" else 2  # fp32 compute doubles the bf16 tensors (roughly)
+    scale = 1 if cfg.train.amp == Amp.bf16 else 2  # fp32 compute doubles the bf16 tensors (roughly)
     per_token_block = scale * (26 * dim + (8 if swiglu else 4) * hidden)
     tokens = tokens_per_image(cfg)[0] * batch
-    checkpointed = {"none": 0, "selective": (depth + 1) // 2, "full": depth}[mode]
+    checkpointed = len(checkpointed_blocks(mode, depth))
     kept = depth - checkpointed
     rerun = per_token_block if checkpointed and recompute else 0
     return tokens * (kept * per_token_block + checkpointed * 4 * dim + rerun)
@@ -256,8 +256,10 @@ def format_plan(
         "  batch/GPU  mode       activations  heads    peak  fits",
     ]
     fits_config = True
+    depth = max(len(s.blocks) for s in students)
+    modes = sorted(AC_MODES, key=lambda m: len(checkpointed_blocks(m, depth)))  # most memory first
     for b in sizes:
-        for mode in AC_MODES:
+        for mode in modes:
             acts = sum(activation_bytes(cfg, s, b, mode) for s in students)
             total = peak(b, mode)
             fits = total <= gpu_gib * GiB

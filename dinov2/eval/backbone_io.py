@@ -22,7 +22,6 @@ run's ``config.yaml`` two levels up. A run directory with no export yet evaluate
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dinov2.config import load_run_config, to_yaml
+from dinov2.distributed.checkpoint_dir import finished_checkpoints, is_checkpoint, quiet_single_process
 from dinov2.interop import read_state_dict as read_weights
 from dinov2.models import build_backbone
 
@@ -58,16 +58,9 @@ def save_backbone(
     return path
 
 
-def is_training_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a trainer checkpoint directory (``ckpt_N`` holding a finished DCP save)."""
-    path = Path(path)
-    return path.is_dir() and path.name[:5] == "ckpt_" and path.name[5:].isdigit() and (path / ".metadata").is_file()
-
-
 def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``checkpoints/ckpt_N`` of a run directory, or None."""
-    folder = Path(run_dir) / "checkpoints"
-    found = sorted(p for p in folder.glob("ckpt_*") if p.name[5:].isdigit() and is_training_checkpoint(p))
+    """The newest finished ``checkpoints/ckpt_N`` of a run directory, or None."""
+    found = finished_checkpoints(Path(run_dir) / "checkpoints")
     return found[-1] if found else None
 
 
@@ -75,7 +68,7 @@ def find_weights(path: str | os.PathLike) -> Path:
     """The weights file ``path`` names, or the one inside directory ``path``; a training checkpoint
     directory (or a run directory without an export: its newest checkpoint) is returned as it is."""
     path = Path(path)
-    if path.is_file() or is_training_checkpoint(path):
+    if path.is_file() or is_checkpoint(path):
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -97,7 +90,7 @@ def find_weights(path: str | os.PathLike) -> Path:
 def config_of(weights: Path) -> Path:
     """The config file beside ``weights``: ``{name}_config.yaml`` for ``{name}_backbone.*`` when it exists
     (an extra distilled student), else ``config.yaml``."""
-    if is_training_checkpoint(weights):  # RUN/checkpoints/ckpt_N
+    if is_checkpoint(weights):  # RUN/checkpoints/ckpt_N
         return weights.parent.parent / CONFIG_NAME
     if weights.stem.endswith("_backbone"):
         own = weights.parent / f"{weights.stem.removesuffix('_backbone')}_config.yaml"
@@ -129,8 +122,7 @@ def read_checkpoint_backbone(path: Path, backbone: torch.nn.Module, cfg: Any) ->
     else:
         raise ValueError(f"{path} holds no backbone of the shape its run config.yaml gives (another run?)")
     state = {"model": {prefix + k: v for k, v in wanted.items()}}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
     backbone.load_state_dict({k.removeprefix(prefix): v for k, v in state["model"].items()})
 
@@ -148,7 +140,7 @@ def load_backbone(
         raise FileNotFoundError(f"no training config at {config_path} (pass --config to point at one)")
     cfg = load_run_config(config_path)
     backbone = build_backbone(cfg.model)
-    if is_training_checkpoint(weights):
+    if is_checkpoint(weights):
         read_checkpoint_backbone(weights, backbone, cfg)
         return backbone.to(device).eval(), cfg
     missing, unexpected = backbone.load_state_dict(read_state_dict(weights), strict=False)

@@ -42,9 +42,10 @@ from dinov2.config import DatasetConfig
 from dinov2.data import build_dataset
 from dinov2.data.datasets import same_images
 from dinov2.device import amp_dtype, resolve_device
+from dinov2.distributed.checkpoint_dir import is_checkpoint
 from dinov2.distributed.comm import rank_and_world
 from dinov2.eval.attention_maps import attention_maps, column_names, save_attention_overlays
-from dinov2.eval.backbone_io import find_weights, is_training_checkpoint, load_backbone
+from dinov2.eval.backbone_io import find_weights, load_backbone
 from dinov2.eval.features import eval_sizes, eval_transform, extract_features
 from dinov2.eval.holdout import holdout_note, holdout_sets
 from dinov2.eval.knn import knn_classify
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         resize, crop = eval_sizes(crops.global_crops_size, _pick(args.resize, ecfg.resize), _pick(args.crop, ecfg.crop))
         transform = eval_transform(resize, crop, crops.mean, crops.std)
         weights = find_weights(args.checkpoint)
-        home = weights.parent.parent if is_training_checkpoint(weights) else weights.parent  # never into a ckpt dir
+        home = weights.parent.parent if is_checkpoint(weights) else weights.parent  # never into a ckpt dir
         output_dir = Path(args.output_dir) if args.output_dir else home / "eval"
         rank, _ = rank_and_world()
         common = {

@@ -30,13 +30,10 @@ Checkpoints of the earlier layout (the same DCP ``model`` / ``optimizer`` entrie
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +51,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from dinov2.distributed.checkpoint_dir import (  # noqa: F401 (is_checkpoint: part of this module's API)
+    checkpoint_name,
+    finished_checkpoints,
+    is_checkpoint,
+    quiet_single_process,
+)
 from dinov2.distributed.comm import barrier, rank, world_size
 
 logger = logging.getLogger(__name__)
-_NAME = re.compile(r"^ckpt_(\d{8})$")
 _PROGRESS = ("iteration", "sample_position", "world_size")
 
 
@@ -67,14 +69,6 @@ class ResumeState:
     sample_position: int
     world_size: int
     path: Path
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns that it assumes a single process when no process group exists; that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -195,12 +189,6 @@ def _first_line(error: BaseException) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a finished checkpoint directory: ``ckpt_N`` holding DCP's ``.metadata``."""
-    path = Path(path)
-    return bool(_NAME.match(path.name)) and (path / ".metadata").is_file()
-
-
 def _read_legacy_progress(path: Path) -> dict[str, int]:
     """The progress of a checkpoint of the earlier layout, from its ``meta.json``."""
     meta_file = path / "meta.json"
@@ -217,7 +205,7 @@ def read_progress(path: str | Path, keys: set[str] | None = None) -> dict[str, i
     if "progress.iteration" not in keys:
         return _read_legacy_progress(path)
     progress = {key: torch.zeros((), dtype=torch.int64) for key in _PROGRESS}
-    with _quiet_single_process():
+    with quiet_single_process():
         dcp.load({"progress": progress}, checkpoint_id=path)
     return {key: int(value) for key, value in progress.items()}
 
@@ -229,9 +217,7 @@ class CheckpointManager:
 
     def complete(self) -> list[Path]:
         """Finished checkpoints, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        return sorted((p for p in self.directory.iterdir() if p.is_dir() and is_checkpoint(p)), key=lambda p: p.name)
+        return finished_checkpoints(self.directory)
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -241,8 +227,8 @@ class CheckpointManager:
         """Write checkpoint ``iteration``; NonFiniteStateError (nothing written) when the state is not finite."""
         if not state_is_finite(model, optimizer):
             raise NonFiniteStateError(f"the model or optimizer state is not finite at iteration {iteration}")
-        final = self.directory / f"ckpt_{iteration:08d}"
-        tmp = self.directory / f"ckpt_{iteration:08d}.tmp"
+        final = self.directory / checkpoint_name(iteration)
+        tmp = self.directory / f"{checkpoint_name(iteration)}.tmp"
         this_rank = rank()
         if this_rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -255,7 +241,7 @@ class CheckpointManager:
             "progress": {key: torch.tensor(value, dtype=torch.int64) for key, value in progress.items()},
             "rng": RngState(),
         }
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.save(state, checkpoint_id=tmp)
         barrier()
         if this_rank == 0:
@@ -311,7 +297,7 @@ class CheckpointManager:
             state["optimizer"] = OptimizerState(model, optimizer, saved)
         if rng_applies and not legacy:
             state["rng"] = RngState(saved)
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.load(state, checkpoint_id=path)
         if rng_applies and legacy:
             set_rng_state(torch.load(rng_file, weights_only=True))

@@ -19,9 +19,7 @@ is not applied again (a preempted phase continues where it stopped).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +31,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from dinov2.config import ConfigError
+from dinov2.distributed.checkpoint_dir import quiet_single_process
 from dinov2.models.pos_embed import interpolate_pos_embed
 from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.model_factory import ModelFactory
@@ -124,18 +123,11 @@ def _check_shapes(source: Path, cfg: Config) -> None:
             raise InitFromError(f"architecture mismatch: '{key}' is {list(found)} in {source} but {list(shape)} here")
 
 
-@contextlib.contextmanager
-def _quiet_single_process():
-    with warnings.catch_warnings():  # DCP warns that it assumes a single process without a process group
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def read_weights(source: Path) -> dict[str, Tensor]:
     """The student and teacher weights in ``source`` as full CPU tensors, keyed as in the meta-architecture."""
     if source.is_dir():
         state = {"model": {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in _source_shapes(source).items()}}
-        with _quiet_single_process():
+        with quiet_single_process():
             dcp.load(state, checkpoint_id=str(source))
         return state["model"]
     backbone = load_file(str(source))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dinov2.config import Amp, Config, ConfigError, to_yaml
+from dinov2.config import Amp, Config, to_yaml
 from dinov2.data import TrainBatches, build_train_loader
 from dinov2.data.gpu import build_gpu_train_loader
 from dinov2.device import autocast, resolve_device
@@ -180,9 +180,7 @@ def build_loader(
     )
     if cfg.data.pipeline == "cpu":
         return build_train_loader(cfg.data, transform=transform, **common)
-    if cfg.data.pipeline == "gpu":
-        return build_gpu_train_loader(cfg.data, device=device, **common)
-    raise ConfigError(f"unknown data.pipeline '{cfg.data.pipeline}' (expected cpu or gpu)")
+    return build_gpu_train_loader(cfg.data, device=device, **common)
 
 
 def train(cfg: Config, factory: ModelFactory, stop: StopRequest | None = None) -> TrainResult:
