@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 from dinov2.config import Config, ConfigError, load_run_config
+from dinov2.distributed.checkpoint_dir import is_checkpoint
 from dinov2.interop import load_pretrained_backbone
 from dinov2.models import build_backbone
-from dinov2.train.checkpoint import CheckpointManager, is_checkpoint
+from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.export import Export
 from dinov2.train.meta_arch import Network, SSLMetaArch, build_heads, ema_update
 

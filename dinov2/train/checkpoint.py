@@ -51,12 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from dinov2.distributed.checkpoint_dir import (  # noqa: F401 (is_checkpoint: part of this module's API)
-    checkpoint_name,
-    finished_checkpoints,
-    is_checkpoint,
-    quiet_single_process,
-)
+from dinov2.distributed.checkpoint_dir import checkpoint_name, finished_checkpoints, quiet_single_process
 from dinov2.distributed.comm import barrier, rank, world_size
 
 logger = logging.getLogger(__name__)
