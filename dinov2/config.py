@@ -64,6 +64,8 @@ ActivationCheckpointing = Literal["none", "full", "selective"]
 FsdpDtype = Literal["bf16", "fp16", "fp32"]
 #: ``distributed.backend`` of the process group
 DistBackend = Literal["auto", "nccl", "gloo"]
+#: ``optim.clip_grad_mode``: each of backbone / DINO head / iBOT head on its own (the reference), or one norm
+ClipMode = Literal["per_module", "global"]
 #: ``distill.teacher_format``: the teacher weights' layout
 TeacherFormat = Literal["auto", "ours", "timm", "hf"]
 
@@ -266,7 +268,7 @@ class OptimConfig:
     clip_grad: float = 3.0  # 0 disables clipping
     # per_module: backbone, DINO head and iBOT head each clipped to clip_grad (the reference); global: one
     # norm over the whole student (dinov2/train/clipping.py)
-    clip_grad_mode: Literal["per_module", "global"] = "per_module"
+    clip_grad_mode: ClipMode = "per_module"
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
     fused: bool = True  # fused AdamW when the device supports it

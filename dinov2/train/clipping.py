@@ -14,14 +14,13 @@ Norms are over all shards of all ranks (FSDP2 DTensor gradients are reduced with
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 
+from dinov2.config import ClipMode
 from dinov2.distributed.parallelize import clip_grad_norm
-
-ClipMode = Literal["per_module", "global"]
 
 
 def clipped_modules(network: nn.Module) -> dict[str, nn.Module]:
@@ -38,8 +37,8 @@ def clip_gradients(network: nn.Module, max_norm: float, mode: ClipMode = "per_mo
 
     Returns the norms before clipping, for logging: one per sub-module under its name, and ``total``,
     the norm over the whole network (``sqrt`` of the sum of the squared sub-module norms)."""
-    if mode not in ("per_module", "global"):
-        raise ValueError(f"unknown clip mode '{mode}' (expected per_module or global)")
+    if mode not in get_args(ClipMode):
+        raise ValueError(f"unknown clip mode '{mode}' (expected {' or '.join(get_args(ClipMode))})")
     modules = clipped_modules(network)
     norms = {name: clip_grad_norm(module, 0.0) for name, module in modules.items()}  # measured, not clipped
     device = next((n.device for n in norms.values() if n.device.type != "cpu"), torch.device("cpu"))
