@@ -41,9 +41,9 @@ def run_header(device: torch.device) -> dict[str, str]:
     }
 
 
-def amp_context(device: torch.device, dtype: torch.dtype = torch.bfloat16):
+def amp_context(device: torch.device):
     """bf16 autocast on CUDA; fp32 on CPU (what the trainer does)."""
-    return autocast(device, dtype if device.type == "cuda" else None)
+    return autocast(device, torch.bfloat16 if device.type == "cuda" else None)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

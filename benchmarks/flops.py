@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinov2.layers.mlp import swiglu_hidden_dim
+from dinov2.layers.stochastic_depth import kept_samples
 
 ATEN = torch.ops.aten
 
@@ -38,11 +39,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def _kept(batch: int, p: float, training: bool) -> int:
-    """Samples a residual branch computes on under efficient stochastic depth."""
-    return max(1, int(batch * (1.0 - p))) if training and p > 0 else batch
-
-
 def backbone_forward_flops(model_cfg: Any, groups: Sequence[tuple[int, int]], training: bool) -> int:
     """Forward FLOPs of our ViT over crop groups ``(batch, image side)``.
 
@@ -58,15 +54,20 @@ def backbone_forward_flops(model_cfg: Any, groups: Sequence[tuple[int, int]], tr
     else:
         ffn_per_token = 4 * d * int(d * model_cfg.mlp_ratio)
     p = model_cfg.drop_path_rate if model_cfg.drop_path_mode == "efficient" else 0.0
-    total = 0
+    total = patch_embed_flops(model_cfg, groups)
     for b, side in groups:
-        patches = (side // model_cfg.patch_size) ** 2
-        n = 1 + model_cfg.num_register_tokens + patches
+        n = 1 + model_cfg.num_register_tokens + (side // model_cfg.patch_size) ** 2
         attn = 8 * n * d * d + 4 * n * n * d
-        kept = _kept(b, p, training)
+        kept = kept_samples(b, p) if training and p > 0 else b
         total += depth * kept * (attn + n * ffn_per_token)
-        total += b * 2 * patches * model_cfg.in_chans * model_cfg.patch_size**2 * d
     return total
+
+
+def patch_embed_flops(model_cfg: Any, groups: Sequence[tuple[int, int]]) -> int:
+    """``2·P·(C·p²)·D`` per sample of ``P`` patches: the patch embedding's forward over crop groups."""
+    model_cfg = model_cfg.resolved()
+    per_patch = 2 * model_cfg.in_chans * model_cfg.patch_size**2 * model_cfg.embed_dim
+    return sum(b * (side // model_cfg.patch_size) ** 2 * per_patch for b, side in groups)
 
 
 def head_forward_flops(head_cfg: Any, in_dim: int, rows: int) -> int:
@@ -92,10 +93,7 @@ def ssl_step_flops(cfg: Any, batch_size: int, n_masked: int) -> int:
     def heads(rows_cls: int) -> int:
         return head_forward_flops(cfg.dino_head, d, rows_cls) + head_forward_flops(ibot_cfg, d, n_masked)
 
-    def patch_embed(groups: Sequence[tuple[int, int]]) -> int:
-        return sum(b * 2 * (s // cfg.model.patch_size) ** 2 * 3 * cfg.model.patch_size**2 * d for b, s in groups)
-
     student = backbone_forward_flops(cfg.model, student_groups, training=True) + heads(cls_rows)
     teacher = backbone_forward_flops(cfg.model, [global_group], training=False) + heads(2 * batch_size)
     koleo = 2 * 2 * batch_size**2 * d if cfg.loss.koleo_weight else 0
-    return 3 * student - patch_embed(student_groups) + teacher + koleo
+    return 3 * student - patch_embed_flops(cfg.model, student_groups) + teacher + koleo
