@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from dinov2.config import Config, ConfigError, load_run_config
-from dinov2.distributed.checkpoint_dir import is_checkpoint
+from dinov2.distributed.checkpoint_dir import is_checkpoint, newest_checkpoint
 from dinov2.interop import load_pretrained_backbone
 from dinov2.models import build_backbone
 from dinov2.train.checkpoint import CheckpointManager
@@ -157,7 +157,7 @@ def find_run_checkpoint(path: Path) -> Path | None:
     if is_checkpoint(path):
         return path
     for candidate in (path / "checkpoints", path):
-        latest = CheckpointManager(candidate).latest() if candidate.is_dir() else None
+        latest = newest_checkpoint(candidate)
         if latest is not None:
             return latest
     return None

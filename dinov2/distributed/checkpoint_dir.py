@@ -13,6 +13,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{8,})$")
 
@@ -34,6 +35,20 @@ def finished_checkpoints(directory: str | Path) -> list[Path]:
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and is_checkpoint(p)]
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
+
+
+def newest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest finished checkpoint in ``directory``, or None."""
+    found = finished_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """``{flattened key: its DCP metadata (size, dtype)}`` of the save in checkpoint ``path``
+    (``model.teacher.backbone.cls_token``, ``progress.iteration``, ``rng.rank0.cpu`` …)."""
+    import torch.distributed.checkpoint as dcp  # lazy: ~0.7 s, and dinov2-eval reads a checkpoint rarely
+
+    return dict(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
 @contextlib.contextmanager

@@ -75,7 +75,8 @@ def keyed_init(network: nn.Module, seed: int, prefix: str) -> None:
         raise RuntimeError(f"init_weights left {missing[:3]} uninitialised and wrote {twice[:3]} twice")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (an FSDP2 parameter or its state), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -86,7 +87,7 @@ def copy_shards(target: nn.Module, source: nn.Module) -> None:
     for name, param in target.named_parameters():
         if name not in src or src[name].shape != param.shape:
             raise RuntimeError(f"cannot initialise {name} from the source network: no parameter of that shape")
-        _local(param).copy_(_local(src[name]))
+        local_shard(param).copy_(local_shard(src[name]))
 
 
 def ema_source(name: str, trained: set[str]) -> str:

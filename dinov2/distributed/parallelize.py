@@ -230,8 +230,8 @@ def clip_grad_norm(module: nn.Module, max_norm: float) -> torch.Tensor:
     are scaled down to ``max_norm`` when it is exceeded and ``max_norm > 0``. Returns the norm
     before clipping, a plain (replicated) tensor."""
     params = [p for p in module.parameters() if p.grad is not None]
-    if not params:
-        return torch.zeros(())
+    if not params:  # no gradient (a loss weight of 0): a zero norm where the module's parameters live
+        return torch.zeros((), device=next((p.device for p in module.parameters()), torch.device("cpu")))
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
     if hasattr(norm, "full_tensor"):  # a DTensor with a pending (partial) reduction over ranks
         norm = norm.full_tensor()

@@ -30,7 +30,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dinov2.config import load_run_config, to_yaml
-from dinov2.distributed.checkpoint_dir import finished_checkpoints, is_checkpoint, quiet_single_process
+from dinov2.distributed.checkpoint_dir import (
+    checkpoint_metadata,
+    is_checkpoint,
+    newest_checkpoint,
+    quiet_single_process,
+)
 from dinov2.interop import read_state_dict as read_weights
 from dinov2.models import build_backbone
 
@@ -58,12 +63,6 @@ def save_backbone(
     return path
 
 
-def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest finished ``checkpoints/ckpt_N`` of a run directory, or None."""
-    found = finished_checkpoints(Path(run_dir) / "checkpoints")
-    return found[-1] if found else None
-
-
 def find_weights(path: str | os.PathLike) -> Path:
     """The weights file ``path`` names, or the one inside directory ``path``; a training checkpoint
     directory (or a run directory without an export: its newest checkpoint) is returned as it is."""
@@ -81,8 +80,8 @@ def find_weights(path: str | os.PathLike) -> Path:
     ):
         if len(preferred) == 1:  # a pretraining run's teacher, a distillation run's main student
             return preferred[0]
-    if not found and newest_checkpoint(path) is not None:
-        return newest_checkpoint(path)
+    if not found and (newest := newest_checkpoint(path / "checkpoints")) is not None:
+        return newest
     names = ", ".join(p.name for p in found) or "none"
     raise FileNotFoundError(f"expected one weights file ({'/'.join(WEIGHT_SUFFIXES)}) in {path}, found: {names}")
 
@@ -113,7 +112,7 @@ def read_checkpoint_backbone(path: Path, backbone: torch.nn.Module, cfg: Any) ->
     """Load the run's exported network (see the module docstring) from checkpoint ``path`` into ``backbone``."""
     import torch.distributed.checkpoint as dcp  # lazy: ~0.7 s and ~700 modules; only training checkpoints need it
 
-    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    saved = set(checkpoint_metadata(path))
     wanted = backbone.state_dict()
     prefixes = (["student_ema.backbone."] if cfg.distill.enabled else []) + ["teacher.backbone.", "student.backbone."]
     for prefix in prefixes:

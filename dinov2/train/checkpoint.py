@@ -51,8 +51,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from dinov2.distributed.checkpoint_dir import checkpoint_name, finished_checkpoints, quiet_single_process
+from dinov2.distributed.checkpoint_dir import (
+    checkpoint_metadata,
+    checkpoint_name,
+    finished_checkpoints,
+    newest_checkpoint,
+    quiet_single_process,
+)
 from dinov2.distributed.comm import barrier, rank, world_size
+from dinov2.distributed.meta_init import local_shard
 
 logger = logging.getLogger(__name__)
 _PROGRESS = ("iteration", "sample_position", "world_size")
@@ -82,7 +89,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 def saved_keys(path: str | Path) -> set[str]:
     """The flattened keys of the DCP save in ``path`` (``model.teacher.backbone.cls_token``, ``progress.iteration``)."""
-    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    return set(checkpoint_metadata(path))
 
 
 class ModelState(Stateful):
@@ -155,9 +162,6 @@ class NonFiniteStateError(RuntimeError):
     """The model or optimizer state holds NaN/inf: it is not written."""
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
 
 def state_is_finite(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
     """Whether every floating-point parameter, buffer and optimizer-state tensor is finite, on every rank."""
@@ -167,7 +171,7 @@ def state_is_finite(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     device = next(model.parameters()).device
     bad = torch.zeros((), device=device)
     for t in tensors:
-        t = _local(t)
+        t = local_shard(t)
         if t.is_floating_point() and t.numel():
             bad += (~torch.isfinite(t.detach())).any().to(device)
     if world_size() > 1:
@@ -215,8 +219,7 @@ class CheckpointManager:
         return finished_checkpoints(self.directory)
 
     def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1] if done else None
+        return newest_checkpoint(self.directory)
 
     def save(self, iteration: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample_position: int) -> Path:
         """Write checkpoint ``iteration``; NonFiniteStateError (nothing written) when the state is not finite."""

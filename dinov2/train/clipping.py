@@ -41,8 +41,7 @@ def clip_gradients(network: nn.Module, max_norm: float, mode: ClipMode = "per_mo
         raise ValueError(f"unknown clip mode '{mode}' (expected {' or '.join(get_args(ClipMode))})")
     modules = clipped_modules(network)
     norms = {name: clip_grad_norm(module, 0.0) for name, module in modules.items()}  # measured, not clipped
-    device = next((n.device for n in norms.values() if n.device.type != "cpu"), torch.device("cpu"))
-    total = torch.stack([n.to(device, torch.float32) for n in norms.values()]).square().sum().sqrt()
+    total = torch.stack([n.float() for n in norms.values()]).square().sum().sqrt()
     if max_norm > 0:
         for name, module in modules.items():
             grads = [p for p in module.parameters() if p.grad is not None]

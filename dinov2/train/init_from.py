@@ -31,9 +31,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from dinov2.config import ConfigError
-from dinov2.distributed.checkpoint_dir import quiet_single_process
+from dinov2.distributed.checkpoint_dir import checkpoint_metadata, newest_checkpoint, quiet_single_process
 from dinov2.models.pos_embed import interpolate_pos_embed
-from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.model_factory import ModelFactory
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ def find_source(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise InitFromError(f"--init-from {run}: no such directory")
-    latest = CheckpointManager(run / "checkpoints").latest()
+    latest = newest_checkpoint(run / "checkpoints")
     if latest is not None:
         return latest
     if (run / EXPORTED_BACKBONE).is_file():
@@ -66,7 +65,7 @@ def find_source(run_dir: str | Path) -> Path:
 def _source_shapes(source: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """``{key of the meta-architecture: (shape, dtype)}`` of the weights in ``source``."""
     if source.is_dir():
-        metadata = dcp.FileSystemReader(str(source)).read_metadata().state_dict_metadata
+        metadata = checkpoint_metadata(source)
         out = {}
         for key, meta in metadata.items():
             name = key.removeprefix("model.")
@@ -96,7 +95,7 @@ def check_init_from(run_dir: str | Path, cfg: Config) -> Path | None:
         raise InitFromError("--init-from applies to self-supervised runs only, not distillation or copy detection")
     if Path(run_dir).resolve() == Path(cfg.train.output_dir).resolve():
         raise InitFromError(f"--init-from {run_dir} is this run's train.output_dir: give the phase its own directory")
-    if CheckpointManager(Path(cfg.train.output_dir) / "checkpoints").latest() is not None:
+    if newest_checkpoint(Path(cfg.train.output_dir) / "checkpoints") is not None:
         return None
     source = find_source(run_dir)
     _check_shapes(source, cfg)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
 from dinov2.config import Config, HeadConfig, LossConfig
+from dinov2.distributed.meta_init import local_shard
 from dinov2.layers import DINOHead
 from dinov2.losses import Centering, DINOLoss, IBOTPatchLoss, KoLeoLoss
 from dinov2.models import DinoVisionTransformer, build_backbone
@@ -208,12 +209,7 @@ class SSLMetaArch(nn.Module):
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target ← m · target + (1 − m) · source, parameter by parameter, on local shards under FSDP2."""
-    dst = [_local(p) for p in target.parameters()]
-    src = [_local(p) for p in source.parameters()]
+    dst = [local_shard(p) for p in target.parameters()]
+    src = [local_shard(p) for p in source.parameters()]
     torch._foreach_mul_(dst, momentum)
     torch._foreach_add_(dst, src, alpha=1.0 - momentum)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor parameter (FSDP2), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t

@@ -312,8 +312,7 @@ def _flush(
     """Bring the pending loss values to the host (one sync per log interval), averaged over the ranks
     (one all-reduce per log interval), check them, log them."""
     names = sorted(pending[0][1])
-    device = pending[0][1]["loss"].device  # (a network without gradients reports a CPU zero norm)
-    values = torch.stack([torch.stack([parts[n].float().to(device) for n in names]) for _, parts, _, _ in pending])
+    values = torch.stack([torch.stack([parts[n].float() for n in names]) for _, parts, _, _ in pending])
     if world_size() > 1:
         values = all_reduce_sum_(values) / world_size()
     stacked = dict(zip(names, values.cpu().unbind(1), strict=True))
