@@ -70,6 +70,27 @@ class TrainLoader(SamplerPositioned):
             yield batch
 
 
+def train_sampler(
+    cfg: DataConfig, dataset: ImageDataset, seed: int, rank: int, world_size: int, start_iteration: int
+) -> InfiniteSampler:
+    """The sample stream of ``rank`` from iteration ``start_iteration`` — the same for both pipelines: a seeded
+    permutation per epoch, shard-window shuffled (``data.shuffle_window``) over a shards dataset."""
+    if cfg.shuffle_window < 0 or (cfg.shuffle_window and not hasattr(dataset, "shard_sizes")):
+        raise ConfigError(
+            f"data.shuffle_window={cfg.shuffle_window}: needs a value >= 0, and data.dataset.kind=shards when > 0"
+        )
+    return InfiniteSampler(
+        len(dataset),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        start=start_iteration * cfg.batch_size_per_gpu * world_size,
+        return_positions=True,
+        group_sizes=getattr(dataset, "shard_sizes", None) if cfg.shuffle_window else None,
+        shuffle_window=cfg.shuffle_window,
+    )
+
+
 def build_train_loader(
     cfg: DataConfig,
     patch_size: int,
@@ -86,21 +107,7 @@ def build_train_loader(
     the multi-crop augmentation (it must return the same ``global_crops`` / ``local_crops`` layout).
     """
     dataset = build_dataset(cfg.dataset) if dataset is None else dataset
-    if cfg.shuffle_window < 0 or (cfg.shuffle_window and not hasattr(dataset, "shard_sizes")):
-        raise ConfigError(
-            f"data.shuffle_window={cfg.shuffle_window}: needs a value >= 0, and data.dataset.kind=shards when > 0"
-        )
-    global_batch_size = cfg.batch_size_per_gpu * world_size
-    sampler = InfiniteSampler(
-        len(dataset),
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        start=start_iteration * global_batch_size,
-        return_positions=True,
-        group_sizes=getattr(dataset, "shard_sizes", None) if cfg.shuffle_window else None,
-        shuffle_window=cfg.shuffle_window,
-    )
+    sampler = train_sampler(cfg, dataset, seed, rank, world_size, start_iteration)
     workers = cfg.num_workers
     dataloader = torch.utils.data.DataLoader(
         AugmentedDataset(dataset, transform or MultiCropAugmentation(cfg.crops), seed=seed),
@@ -115,4 +122,4 @@ def build_train_loader(
         # A private generator: creating the loader must not consume the caller's global torch RNG.
         generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_WORKER, rank)),
     )
-    return TrainLoader(dataloader, sampler, global_batch_size)
+    return TrainLoader(dataloader, sampler, cfg.batch_size_per_gpu * world_size)

@@ -23,6 +23,7 @@ from dinov2.data.datasets import build_dataset
 from dinov2.data.gpu.decode import decode_dataset
 from dinov2.data.gpu.generators import batch_generator
 from dinov2.data.gpu.multicrop import GPUMultiCrop, as_nchw
+from dinov2.data.loader import train_sampler
 from dinov2.data.samplers import InfiniteSampler, SamplerPositioned
 from dinov2.data.seeding import STREAM_MASKS, numpy_rng
 
@@ -117,6 +118,7 @@ class GPUTrainLoader(SamplerPositioned):
         start_iteration: int = 0,
         mask_workers: int = 0,
         interpolation: str = "bicubic",
+        sampler: InfiniteSampler | None = None,
     ) -> None:
         self.images = as_nchw(images)
         self.device = self.images.device
@@ -132,8 +134,8 @@ class GPUTrainLoader(SamplerPositioned):
         self.batch_size = batch_size
         self.global_batch_size = batch_size * world_size
         self.mask_workers = mask_workers
-        # the stream's seed, rank and world size live in the sampler
-        self.sampler = InfiniteSampler(
+        # the stream's seed, rank and world size live in the sampler (the training one: ``train_sampler``)
+        self.sampler = sampler or InfiniteSampler(
             n, seed=seed, rank=rank, world_size=world_size, start=start_iteration * self.global_batch_size,
             return_positions=True,
         )  # fmt: skip
@@ -186,6 +188,7 @@ def build_gpu_train_loader(
     Same arguments as :func:`~dinov2.data.loader.build_train_loader` plus ``device``; the masks are
     drawn in ``cfg.num_workers`` worker processes."""
     dataset = build_dataset(cfg.dataset) if dataset is None else dataset
+    sampler = train_sampler(cfg, dataset, seed, rank, world_size, start_iteration)  # checked before decoding
     images, labels = decode_dataset(dataset, num_threads=max(1, cfg.num_workers))
     return GPUTrainLoader(
         images.to(device),
@@ -199,4 +202,5 @@ def build_gpu_train_loader(
         world_size=world_size,
         start_iteration=start_iteration,
         mask_workers=cfg.num_workers,
+        sampler=sampler,
     )
