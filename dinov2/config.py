@@ -50,6 +50,8 @@ Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"]
 FfnLayer = Literal["mlp", "swiglu"]
 #: ``model.drop_path_mode``: efficient (the branch runs on a subset of samples) | classic (per-sample mask)
 DropPathMode = Literal["efficient", "classic"]
+#: ``*_head.mlp_init``: the head MLP's init (the reference's trunc-normal 0.02, or torch's fan-in default)
+HeadMlpInit = Literal["trunc_normal", "fan_in"]
 #: ``model.attn_backend`` (``dinov2.layers.attention``)
 AttnBackend = Literal["auto", "sdpa", "math", "flex", "varlen", "xformers"]
 #: ``data.pipeline``: PIL/torchvision workers, or batched augmentation on the device
@@ -129,7 +131,7 @@ class HeadConfig:
     nlayers: int = 3
     # trunc_normal: the reference's init (std 0.02); fan_in: std 1/sqrt(fan_in), for narrow CPU-recipe
     # backbones (dinov2/layers/dino_head.py DINOHead.reset_parameters)
-    mlp_init: Literal["trunc_normal", "fan_in"] = "trunc_normal"
+    mlp_init: HeadMlpInit = "trunc_normal"
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from dinov2.config import HeadMlpInit
 from dinov2.layers.init import EAGER, Init
-
-MlpInit = Literal["trunc_normal", "fan_in"]
 
 
 class DINOHead(nn.Module):
@@ -26,13 +25,13 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         nlayers: int = 3,
-        mlp_init: MlpInit = "trunc_normal",
+        mlp_init: HeadMlpInit = "trunc_normal",
     ) -> None:
         super().__init__()
         if nlayers < 1:
             raise ValueError("DINOHead needs nlayers >= 1")
-        if mlp_init not in ("trunc_normal", "fan_in"):
-            raise ValueError(f"unknown head mlp_init '{mlp_init}' (expected trunc_normal or fan_in)")
+        if mlp_init not in get_args(HeadMlpInit):
+            raise ValueError(f"unknown head mlp_init '{mlp_init}' (expected {' or '.join(get_args(HeadMlpInit))})")
         self.mlp_init = mlp_init
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []

@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from dinov2.distributed.env import DistEnv
+from dinov2.interop import EXPORT_FORMAT, POS_EMBED_METADATA_KEY
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,10 @@ def export_backbone(backbone: nn.Module, path: str | Path, env: DistEnv) -> Path
     state = full_state_dict(backbone)
     if env.is_main:
         tmp = path.with_suffix(path.suffix + ".tmp")
-        metadata = {"format": "dinov2-train backbone"}
+        metadata = {"format": EXPORT_FORMAT}
         mode = getattr(backbone, "pos_embed_interpolation", None)
         if mode is not None:  # read back by dinov2.interop.load_pretrained_backbone
-            metadata["pos_embed_interpolation"] = str(mode)
+            metadata[POS_EMBED_METADATA_KEY] = str(mode)
         save_file(state, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; the run's other files follow the umask
         tmp.replace(path)
