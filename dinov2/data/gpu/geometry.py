@@ -94,15 +94,18 @@ def crop_grid(
     an image ``V`` times. Output pixel centres map onto the box with ``align_corners=False`` semantics
     (the mapping of ``torch.nn.functional.interpolate``)."""
     s = size * supersample
-    n = boxes.shape[0]
-    batch = n // num_views
+    batch = boxes.shape[0] // num_views
     t = (torch.arange(s, device=boxes.device, dtype=boxes.dtype) + 0.5) / s
     top, left, h, w = boxes.unbind(1)
     tx = torch.where(flips[:, None], 1.0 - t, t)
-    x = (left[:, None] + tx * w[:, None]) * (2.0 / width) - 1.0  # (n, s)
+    x = (left[:, None] + tx * w[:, None]) * (2.0 / width) - 1.0  # (n, s), view-major
     y = (top[:, None] + t * h[:, None]) * (2.0 / height) - 1.0
-    grid = torch.stack([x[:, None, :].expand(n, s, s), y[:, :, None].expand(n, s, s)], dim=-1)
-    return grid.reshape(num_views, batch, s, s, 2).transpose(0, 1).reshape(batch, num_views * s, s, 2)
+    # image-major before the grid is expanded: the (n, s) coordinates are reordered, not the (n, s, s) grid
+    x = x.view(num_views, batch, s).transpose(0, 1)
+    y = y.view(num_views, batch, s).transpose(0, 1)
+    shape = (batch, num_views, s, s)
+    grid = torch.stack([x[:, :, None, :].expand(shape), y[..., None].expand(shape)], dim=-1)
+    return grid.view(batch, num_views * s, s, 2)
 
 
 def resample_crops(
