@@ -32,8 +32,8 @@ from tiny_config import SEPARATE_IBOT_HEAD, TINY
 
 from dinov2.config import ConfigError, MeshConfig, load_config
 from dinov2.distributed.env import distributed_session
-from dinov2.distributed.mesh import mesh_shape
-from dinov2.distributed.plan import local_numel, state_bytes
+from dinov2.distributed.mesh import local_numel, mesh_shape
+from dinov2.distributed.plan import state_bytes
 from dinov2.launch.run import build_meta_arch, build_training, construct_meta_arch, plan_shapes, train
 from dinov2.layers import init as init_module
 from dinov2.layers.init import EAGER, KeyedInit, keyed_rows

@@ -52,7 +52,7 @@ def load_teacher_sharded(cfg: Config, mesh: DeviceMesh, device: torch.device):
 
     teacher = on_meta(build)
     policy = mixed_precision_policy(cfg.distributed)
-    shard_network(teacher, policy, mesh, **network_sharding(cfg.distributed, "teacher", trained=False))
+    shard_network(teacher, policy, mesh, **network_sharding(cfg.distributed, trained=False))
     teacher.to_empty(device=device)
     state = {TEACHER_PREFIX + k: v for k, v in get_model_state_dict(teacher).items()}
     dcp.load({"model": state}, checkpoint_id=str(run_ckpt))  # in place, into this rank's shards

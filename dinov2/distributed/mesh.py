@@ -14,6 +14,8 @@ the world size divided by it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -56,3 +58,15 @@ def build_mesh(cfg: MeshConfig, env: DistEnv, device: torch.device) -> DeviceMes
 def shard_size(mesh: DeviceMesh) -> int:
     """Ranks one parameter is sharded over (the last mesh dimension)."""
     return mesh.size(mesh.ndim - 1)
+
+
+def shard_rows(rows: int, shards: int, index: int) -> int:
+    """Rows of shard ``index`` of ``rows`` rows cut in ``shards`` (torch.chunk, FSDP2's layout)."""
+    chunk = -(-rows // shards)
+    return max(min(chunk, rows - index * chunk), 0)
+
+
+def local_numel(shape: tuple[int, ...], shards: int, index: int = 0) -> int:
+    """Elements of a parameter of ``shape`` on shard ``index`` of ``shards`` (a 0-d tensor is one row)."""
+    rows = shape[0] if shape else 1
+    return shard_rows(rows, shards, index) * (math.prod(shape) // max(rows, 1))

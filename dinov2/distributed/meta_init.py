@@ -35,6 +35,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from dinov2.distributed.mesh import local_numel, shard_size
 from dinov2.layers.init import Init, KeyedInit
 
 M = TypeVar("M", bound=nn.Module)
@@ -142,9 +143,7 @@ def check_no_full_copy(model: nn.Module) -> dict[str, tuple[int, int]]:
                 local_total += param.numel()
                 continue
             local = param.to_local()
-            shards = param.device_mesh.size(param.device_mesh.ndim - 1)
-            rows = param.shape[0] if param.dim() else 1
-            limit = -(-rows // shards) * (param.numel() // max(rows, 1))
+            limit = local_numel(tuple(param.shape), shard_size(param.device_mesh))
             if local.numel() > limit:
                 raise AssertionError(f"{name}.{pname}: {local.numel()} local elements > its shard ({limit})")
             local_total += local.numel()

@@ -51,9 +51,9 @@ AC_MODES = get_args(ActivationCheckpointing)
 RECOMPILES_PER_KIND = 8  # dynamo's default recompile_limit for one function, given to each kind of block
 
 
-def _device_of(network: nn.Module, default: torch.device | None) -> torch.device:
+def _device_of(network: nn.Module) -> torch.device:
     param = next(network.parameters(), None)
-    return param.device if param is not None else (default or torch.device("cpu"))
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -175,7 +175,7 @@ def shard_network(
             block.set_modules_to_backward_prefetch(behind)
 
 
-def network_sharding(cfg: DistributedConfig, name: str, trained: bool) -> dict:
+def network_sharding(cfg: DistributedConfig, trained: bool) -> dict:
     """``shard_network`` keyword arguments of one network: trained networks (students) take the student
     settings; the teacher and the EMAs (no backward) the teacher's reshard choice and no backward prefetch."""
     if trained:
@@ -206,7 +206,7 @@ def parallelize(
     for network in model.trained_networks().values():
         apply_activation_checkpointing(network.backbone, cfg.activation_checkpointing)
     for network in model.networks().values():  # probe now, never inside a compiled (checkpointed) block
-        network.backbone.resolve_attention(device if device is not None else _device_of(network, None))
+        network.backbone.resolve_attention(device if device is not None else _device_of(network))
     if cfg.compile:
         compile_blocks(list(model.networks().values()))
     if not should_shard(cfg, env):
@@ -216,12 +216,12 @@ def parallelize(
             "FSDP needs a process group: create it with setup_distributed(..., always=cfg.distributed.fsdp)"
         )
     if mesh is None:
-        mesh = build_mesh(cfg.mesh, env, device if device is not None else _device_of(model, None))
+        mesh = build_mesh(cfg.mesh, env, device if device is not None else _device_of(model))
     policy = mixed_precision_policy(cfg)
     trained = set(model.trained_networks())
     for name, network in model.networks().items():  # student, teacher (+ the student EMA when distilling)
         if not isinstance(network, FSDPModule):
-            shard_network(network, policy, mesh, **network_sharding(cfg, name, name in trained))
+            shard_network(network, policy, mesh, **network_sharding(cfg, name in trained))
     return mesh
 
 

@@ -34,24 +34,12 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from dinov2.config import Amp, Config
-from dinov2.distributed.mesh import mesh_shape
+from dinov2.distributed.mesh import local_numel, mesh_shape
 from dinov2.distributed.parallelize import AC_MODES, checkpointed_blocks
 
 GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 HEAD_NAMES = ("dino_head", "ibot_head")
-
-
-def shard_rows(rows: int, shards: int, index: int) -> int:
-    """Rows of shard ``index`` of ``rows`` rows cut in ``shards`` (torch.chunk, FSDP2's layout)."""
-    chunk = -(-rows // shards)
-    return max(min(chunk, rows - index * chunk), 0)
-
-
-def local_numel(shape: tuple[int, ...], shards: int, index: int = 0) -> int:
-    """Elements of a parameter of ``shape`` on shard ``index`` of ``shards`` (a 0-d tensor is one row)."""
-    rows = shape[0] if shape else 1
-    return shard_rows(rows, shards, index) * (math.prod(shape) // max(rows, 1))
 
 
 @dataclass

@@ -107,9 +107,10 @@ class ModelState(Stateful):
 
 class OptimizerState(Stateful):
     """The optimizer as a DCP entry. For a load, ``saved`` holds the checkpoint's keys: parameters that
-    never had a gradient before the save (the prototype layer while it is frozen) have no AdamW state
-    there, but ``get_optimizer_state_dict`` makes one for every parameter of a fresh optimizer; they are
-    left out of what is read and stay state-less, as in the run that saved."""
+    never had a gradient before the save (a head whose loss weight is 0; an older checkpoint's frozen
+    prototype layer) have no AdamW state there, but ``get_optimizer_state_dict`` makes one for every
+    parameter of a fresh optimizer; they are left out of what is read and stay state-less, as in the
+    run that saved."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, saved: set[str] | None = None) -> None:
         self.model, self.optimizer, self.saved = model, optimizer, saved
