@@ -142,13 +142,15 @@ def resample_pos_embeds(state: dict[str, Tensor], grid: int, mode: str) -> dict[
     return out
 
 
-def init_from_run(model: nn.Module, cfg: Config) -> Path:
+def init_from_run(model: nn.Module, cfg: Config, source: Path | None = None) -> Path:
     """Load the weights of ``cfg.train.init_from`` into ``model`` (the new run's meta-architecture, possibly
-    sharded; every rank calls this). Returns the source read."""
-    if cfg.distill.enabled or cfg.train.objective != "dino":
-        raise InitFromError("--init-from applies to self-supervised runs only, not distillation or copy detection")
-    source = find_source(cfg.train.init_from)
-    _check_shapes(source, cfg)
+    sharded; every rank calls this). ``source``: what :func:`check_init_from` found and checked (None: find
+    and check it here). Returns the source read."""
+    if source is None:
+        if cfg.distill.enabled or cfg.train.objective != "dino":
+            raise InitFromError("--init-from applies to self-supervised runs only, not distillation or copy detection")
+        source = find_source(cfg.train.init_from)
+        _check_shapes(source, cfg)
     grid = cfg.model.img_size // cfg.model.patch_size
     mode = str(cfg.model.pos_embed_interpolation or "ours")
     state = resample_pos_embeds(read_weights(source), grid, mode)

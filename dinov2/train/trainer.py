@@ -194,8 +194,7 @@ def train(cfg: Config, factory: ModelFactory, stop: StopRequest | None = None) -
 def _train(cfg: Config, factory: ModelFactory, env: DistEnv, stop: StopRequest | None = None) -> TrainResult:
     output_dir = Path(cfg.train.output_dir)
     preflight(cfg)  # nothing is written before the configuration and the run dir are checked
-    if cfg.train.init_from:
-        check_init_from(cfg.train.init_from, cfg)
+    init_source = check_init_from(cfg.train.init_from, cfg) if cfg.train.init_from else None
     device = resolve_device(cfg.train.device, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -216,7 +215,7 @@ def _train(cfg: Config, factory: ModelFactory, env: DistEnv, stop: StopRequest |
         if env.is_main:
             logger.info("resumed from %s at iteration %d", resumed.path, start)
     elif cfg.train.init_from:  # a new phase of another run (dinov2-train --init-from): its weights only
-        init_from_run(model, cfg)
+        init_from_run(model, cfg, init_source)
     if env.is_main:
         write_run_config(cfg)
     last_checkpoint = resumed.path if resumed is not None else None
