@@ -96,8 +96,7 @@ def test_teacher_parameters_bit_identical_during_distillation(cifar_pretrained, 
         shared_data,
         ["distill.enabled=true", f"distill.teacher_checkpoint={cifar_pretrained.run_dir}", "train.max_iterations=3"],
     )
-    torch.manual_seed(cfg.train.seed)  # the trainer's initial weights: "the student did move" below means it
-    model = build_meta_arch(cfg, torch.device("cpu"))
+    model = build_meta_arch(cfg, torch.device("cpu"))  # keyed by train.seed: the trainer's initial weights
     before = _hash(model.teacher)
     assert all(not p.requires_grad for p in model.teacher.parameters())
     train(cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import checkpoint_state
 from tiny_config import TINY
 from train_driver import read_stream, stream_spy
 
@@ -21,7 +22,7 @@ from dinov2.config import load_config
 from dinov2.distributed.stop import StopRequest
 from dinov2.launch.run import build_meta_arch, train
 from dinov2.train import trainer
-from dinov2.train.checkpoint import CheckpointManager
+from dinov2.train.checkpoint import CheckpointManager, read_progress
 from dinov2.train.metrics import read_metrics
 from dinov2.train.schedules import Schedules
 
@@ -52,16 +53,8 @@ def _run(monkeypatch, out: Path, overrides: list[str], stop_after: int | None = 
         return cfg, train(cfg, stop)
 
 
-def _final_state(cfg, run: Path) -> dict[str, torch.Tensor]:
-    model = build_meta_arch(cfg, torch.device("cpu"))
-    checkpoints = CheckpointManager(run / "checkpoints")
-    checkpoints.load(checkpoints.latest(), model, None)
-    return model.state_dict()
-
-
 def _assert_trained(cfg, state: dict[str, torch.Tensor]) -> None:
     """Every student and teacher tensor moved from the initial weights the trainer builds (seeded)."""
-    torch.manual_seed(cfg.train.seed)
     initial = build_meta_arch(cfg, torch.device("cpu")).state_dict()
     params = [k for k in initial if k.startswith(("student.", "teacher.")) and initial[k].is_floating_point()]
     still = [k for k in params if torch.equal(state[k], initial[k])]
@@ -85,9 +78,9 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypa
     expected = read_stream(tmp_path / "straight")
     assert [p for p, _ in expected] == list(range(32))
     assert read_stream(tmp_path / "resumed") == expected
-    state = _final_state(cfg, tmp_path / "straight")
+    state = checkpoint_state(cfg, tmp_path / "straight" / "checkpoints")
     _assert_trained(cfg, state)
-    _assert_same_state(_final_state(cfg, tmp_path / "resumed"), state)
+    _assert_same_state(checkpoint_state(cfg, tmp_path / "resumed" / "checkpoints"), state)
     # each step ran at its own iteration's schedule values (logged with it)
     schedules = Schedules.from_config(cfg, cfg.data.batch_size_per_gpu, 4)
     logged = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
@@ -104,13 +97,13 @@ def test_resume_at_another_global_batch_continues_the_sample_stream(tmp_path, mo
     cfg, first = _run(monkeypatch, tmp_path / "resumed", ["train.max_iterations=6"], stop_after=2)
     assert first.interrupted
     saved = CheckpointManager(tmp_path / "resumed" / "checkpoints")
-    assert saved.load(saved.latest(), build_meta_arch(cfg, torch.device("cpu")), None).sample_position == 16
+    assert read_progress(saved.latest())["sample_position"] == 16
     _, second = _run(monkeypatch, tmp_path / "resumed", ["train.max_iterations=6", "data.batch_size_per_gpu=4"])
     assert second.iterations == 6
     assert read_stream(tmp_path / "resumed") == read_stream(tmp_path / "straight")
     # the final checkpoint's position is the global samples consumed: 16 + 4 steps × 4
-    assert saved.load(saved.latest(), build_meta_arch(cfg, torch.device("cpu")), None).sample_position == 32
-    _assert_trained(cfg, _final_state(cfg, tmp_path / "resumed"))
+    assert read_progress(saved.latest())["sample_position"] == 32
+    _assert_trained(cfg, checkpoint_state(cfg, tmp_path / "resumed" / "checkpoints"))
 
 
 def _env() -> dict[str, str]:
@@ -135,7 +128,7 @@ def test_resume_at_world_size_two_continues_the_sample_stream(tmp_path, monkeypa
     resumed = read_stream(tmp_path / "resumed")
     assert [p for p, _ in resumed] == list(range(48))
     assert resumed == read_stream(tmp_path / "straight")
-    _assert_trained(cfg, _final_state(cfg, tmp_path / "resumed"))
+    _assert_trained(cfg, checkpoint_state(cfg, tmp_path / "resumed" / "checkpoints"))
 
 
 LOSS_KEYS = ("loss", "dino", "ibot", "koleo", "grad_norm", "teacher_entropy")
@@ -167,9 +160,9 @@ def test_killed_mid_run_resumes_exactly(tmp_path):
     subprocess.run(_driver([*common, f"train.output_dir={killed}"]), env=_env(), check=True, capture_output=True)
 
     cfg = load_config("train/demo", common)
-    state = _final_state(cfg, straight)
+    state = checkpoint_state(cfg, straight / "checkpoints")
     _assert_trained(cfg, state)
-    _assert_same_state(_final_state(cfg, killed), state)
+    _assert_same_state(checkpoint_state(cfg, killed / "checkpoints"), state)
     # the step past the checkpoint is redone from the checkpoint: samples 16..23 appear twice
     expected = read_stream(straight)
     assert sorted(set(read_stream(killed))) == expected and len(read_stream(killed)) == len(expected) + 8

@@ -1,12 +1,10 @@
 """Runs ``dinov2-train`` with test instrumentation that calls through to the shipped code (not a test module).
 
-``python tests/train_driver.py [--stop-after N] [--hold-after-checkpoint K] --config CFG [key=value …]``
+``python tests/train_driver.py [--hold-after-checkpoint K] --config CFG [key=value …]``
 (also under ``torchrun``):
 
 - every training step appends to ``{train.output_dir}/stream_rank{r}.jsonl`` one line: the stream
   position and a digest of the crops of each sample of the batch (what the step consumed);
-- ``--stop-after N``: a stop is requested after this process's N-th step (the trainer then saves a
-  checkpoint and returns, as on a SLURM signal);
 - ``--hold-after-checkpoint K``: once ``ckpt_{K}`` is complete, the next step runs, then the process
   writes ``{train.output_dir}/holding`` and sleeps until it is killed — the test kills it on that file,
   never on timing, and the kill always lands mid-run with progress past the checkpoint.
@@ -71,13 +69,10 @@ def read_stream(run: Path) -> list[tuple[int, str]]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--stop-after", type=int, default=None)
     parser.add_argument("--hold-after-checkpoint", type=int, default=None)
     ours, rest = parser.parse_known_args(argv)
 
     from dinov2.config import load_config
-    from dinov2.distributed.stop import StopRequest
-    from dinov2.launch import run
     from dinov2.launch import train_cli as cli
     from dinov2.train import trainer
 
@@ -86,14 +81,11 @@ def main(argv: list[str]) -> int:
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
-    stop = StopRequest() if ours.stop_after is not None else None
     steps = 0
 
     def after_step() -> None:
         nonlocal steps
         steps += 1
-        if stop is not None and steps >= ours.stop_after:
-            stop.request("train_driver --stop-after")
         hold = ours.hold_after_checkpoint
         if hold is not None and (out / "checkpoints" / f"ckpt_{hold:08d}" / ".metadata").is_file():
             (out / "holding").write_text(str(steps))
@@ -101,10 +93,7 @@ def main(argv: list[str]) -> int:
                 time.sleep(1)
 
     trainer.train_step = stream_spy(trainer.train_step, out / f"stream_rank{rank}.jsonl", after_step)
-    if stop is None:
-        return cli.main(rest)
-    run.train(cfg, stop)
-    return 0
+    return cli.main(rest)
 
 
 if __name__ == "__main__":
