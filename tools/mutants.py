@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks.tables (stdlib only)
+
+from benchmarks.tables import update_markdown  # noqa: E402
+
 FAST = "not slow and not slurm and not gpu"
 
 WIRING = ["tests/test_wiring.py"]
@@ -62,33 +66,31 @@ CURATION = ["tests/test_curation_core.py"]
 class Mutant:
     name: str
     path: str  # file in the repository
-    variants: tuple[tuple[str, str], ...]  # (text replaced, replacement): the first whose text occurs once
+    old: str  # the text replaced (it must occur exactly once, else the mutant is reported stale)
+    new: str
     tests: tuple[str, ...]
     what: str  # one line for the table
 
 
-def m(name: str, path: str, old: str, new: str, tests: list[str], what: str, after=()) -> Mutant:
-    """``after``: more (old, new) variants, for code that has moved (e.g. once issue 13 lands)."""
-    return Mutant(name, path, ((old, new), *after), tuple(tests), what)
+def m(name: str, path: str, old: str, new: str, tests: list[str], what: str) -> Mutant:
+    return Mutant(name, path, old, new, tuple(tests), what)
 
 
-# issue 13 (parity) rewrites some of these lines; the same bug is then planted in the new text
-IBOT_CALL_13 = 'parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_global)'
-
-
-# issue 18: the centre's update is unconditional (a no-op under Sinkhorn-Knopp)
-TARGETS_18 = (
+IBOT_CALL = 'parts["ibot"] = self.ibot_loss(ibot_logits, ibot_targets, batch["mask_weights"], n_global)'
+# the centre's update is unconditional (a no-op under Sinkhorn-Knopp)
+TARGETS = (
     "        dino_targets = self.dino_center(dino_logits, teacher_temp)\n"
     "        ibot_targets = self.ibot_center(ibot_logits, teacher_temp)\n"
 )
-UPDATES_18 = (
+UPDATES = (
     "        self.dino_center.update(dino_logits)  # the softmax centre's EMA; nothing under Sinkhorn-Knopp\n"
     "        self.ibot_center.update(ibot_logits)\n"
 )
 
 
-def ibot_13(normaliser: str) -> tuple[tuple[str, str]]:
-    return ((IBOT_CALL_13, IBOT_CALL_13.replace("n_global)", f"{normaliser})")),)
+def ibot_normaliser(normaliser: str) -> tuple[str, str]:
+    """The iBOT loss divided by ``normaliser`` instead of the 2B global crops."""
+    return IBOT_CALL, IBOT_CALL.replace("n_global)", f"{normaliser})")
 
 
 META = "dinov2/train/meta_arch.py"
@@ -104,21 +106,15 @@ CATALOGUE: list[Mutant] = [
       "        ibot_targets = self.ibot_center(ibot_logits, self.loss_cfg.student_temp)",
       WIRING, "teacher targets made at the student temperature"),
     m("student-unmasked", META,
-      "outs = student.backbone(crops, [masks] + [None] * (len(crops) - 1))",
+      "outs = student.backbone(crops, [masks if self.student_masks else None] + [None] * (len(crops) - 1))",
       "outs = student.backbone(crops, [None] * len(crops))",
-      WIRING, "student fed unmasked global crops (no mask tokens)",
-      after=[("outs = student.backbone(crops, [masks if self.student_masks else None] + [None] * (len(crops) - 1))",
-              "outs = student.backbone(crops, [None] * len(crops))")]),
-    m("ibot-norm-masked-patches", META,
-      "n_masked_images = masks.any(dim=1).sum()", "n_masked_images = masks.sum()",
-      WIRING, "iBOT normaliser: number of masked patches", after=ibot_13("masks.sum()")),
-    m("ibot-norm-batch", META,
-      "n_masked_images = masks.any(dim=1).sum()", "n_masked_images = masks.shape[0] // 2",
-      WIRING, "iBOT normaliser: B images", after=ibot_13("masks.shape[0] // 2")),
-    m("ibot-norm-other-convention", META,
-      "n_masked_images = masks.any(dim=1).sum()", "n_masked_images = masks.shape[0]",
-      WIRING, "iBOT normaliser: the other convention (2B before issue 13: the strict xfail XPASSes; "
-      "the masked images after it)", after=ibot_13("masks.any(dim=1).sum()")),
+      WIRING, "student fed unmasked global crops (no mask tokens)"),
+    m("ibot-norm-masked-patches", META, *ibot_normaliser("masks.sum()"),
+      WIRING, "iBOT normaliser: number of masked patches"),
+    m("ibot-norm-batch", META, *ibot_normaliser("masks.shape[0] // 2"),
+      WIRING, "iBOT normaliser: B images"),
+    m("ibot-norm-other-convention", META, *ibot_normaliser("masks.any(dim=1).sum()"),
+      WIRING, "iBOT normaliser: the masked images (the other convention; the reference divides by all 2B)"),
     m("koleo-both-views-at-once", META,
       "sum(self.koleo_loss(view) for view in global_cls.chunk(2))", "self.koleo_loss(global_cls)",
       WIRING, "KoLeo over both global views together, not per view"),
@@ -136,19 +132,8 @@ CATALOGUE: list[Mutant] = [
       "dino_logits = dino_logits.reshape(2, -1, dino_logits.shape[-1])",
       "dino_logits = dino_logits.reshape(-1, 2, dino_logits.shape[-1]).transpose(0, 1)",
       WIRING, "teacher views split sample-major (targets paired with the wrong crops)"),
-    m("centre-updated-before-targets", META,
-      "        dino_targets = self.dino_center(dino_logits, teacher_temp)\n"
-      "        ibot_targets = self.ibot_center(ibot_logits, teacher_temp)\n"
-      '        if self.loss_cfg.centering == "softmax":\n'
-      "            self.dino_center.update(dino_logits)\n"
-      "            self.ibot_center.update(ibot_logits)\n",
-      '        if self.loss_cfg.centering == "softmax":\n'
-      "            self.dino_center.update(dino_logits)\n"
-      "            self.ibot_center.update(ibot_logits)\n"
-      "        dino_targets = self.dino_center(dino_logits, teacher_temp)\n"
-      "        ibot_targets = self.ibot_center(ibot_logits, teacher_temp)\n",
-      WIRING, "softmax centre updated with this batch before its targets",
-      after=((TARGETS_18 + UPDATES_18, UPDATES_18 + TARGETS_18),)),
+    m("centre-updated-before-targets", META, TARGETS + UPDATES, UPDATES + TARGETS,
+      WIRING, "softmax centre updated with this batch before its targets"),
     m("ibot-uses-dino-centre", META,
       "ibot_targets = self.ibot_center(ibot_logits, teacher_temp)",
       "ibot_targets = self.dino_center(ibot_logits, teacher_temp)",
@@ -174,9 +159,8 @@ CATALOGUE: list[Mutant] = [
       "    optimizer.step()\n    optimizer.zero_grad(set_to_none=True)", "    optimizer.step()",
       [*RESUME, *WIRING], "gradients never cleared (accumulate over steps)"),
     m("last-layer-never-frozen", TRAINER,
-      "    if values.freeze_last_layer:", "    if False:",
-      WIRING, "prototype layer not frozen during freeze_last_layer_epochs",
-      after=[("last_layer_lr = 0.0 if values.freeze_last_layer else values.lr", "last_layer_lr = values.lr")]),
+      "last_layer_lr = 0.0 if values.freeze_last_layer else values.lr", "last_layer_lr = values.lr",
+      WIRING, "prototype layer not frozen during freeze_last_layer_epochs"),
     m("resume-ignores-sample-position", TRAINER,
       "    if sample_position is not None:", "    if False:",
       RESUME, "resume ignores the saved sample position"),
@@ -189,15 +173,11 @@ CATALOGUE: list[Mutant] = [
       RESUME, "schedules read one iteration ahead"),
     # ------------------------------------------------------------------ checkpoint.py
     m("rng-not-restored", CKPT,
-      'elif meta["world_size"] == _world() and rng_file.is_file():', "elif False:",
-      RESUME, "RNG state not restored on resume (stochastic depth diverges)",
-      after=(('elif meta["world_size"] == world_size() and rng_file.is_file():', "elif False:"),
-             ('rng_applies = restore_rng and progress["world_size"] == world_size() and rng_saved',
-              "rng_applies = False"))),
+      'rng_applies = restore_rng and progress["world_size"] == world_size() and rng_saved', "rng_applies = False",
+      RESUME, "RNG state not restored on resume (stochastic depth diverges)"),
     m("optimizer-not-restored", TRAINER,
-      "resumed = checkpoints.load(latest, model, optimizer)", "resumed = checkpoints.load(latest, model, None)",
-      RESUME, "AdamW moments and step count not restored on resume",
-      after=(("resumed = checkpoints.resume(model, optimizer)", "resumed = checkpoints.resume(model, None)"),)),
+      "resumed = checkpoints.resume(model, optimizer)", "resumed = checkpoints.resume(model, None)",
+      RESUME, "AdamW moments and step count not restored on resume"),
     m("checkpoint-position-per-rank", TRAINER,
       'sample_position=loader.state_dict()["position"]',
       "sample_position=done * cfg.data.batch_size_per_gpu",
@@ -302,11 +282,9 @@ def first_failure(output: str) -> str:
 def run_mutant(copy: Path, mutant: Mutant, timeout: int) -> Outcome:
     target = copy / mutant.path
     original = target.read_text()
-    found = [(old, new) for old, new in mutant.variants if original.count(old) == 1]
-    if not found:
+    if original.count(mutant.old) != 1:
         return Outcome(mutant, "stale", "its text is not in the code (once)", 0.0)
-    old, new = found[0]
-    target.write_text(original.replace(old, new))
+    target.write_text(original.replace(mutant.old, mutant.new))
     start = time.perf_counter()
     try:
         rc, output = run_tests(copy, mutant.tests, timeout)
@@ -328,17 +306,6 @@ def table(outcomes: list[Outcome]) -> str:
     rows.append("")
     rows.append(f"**{caught} of {len(outcomes)} caught** ({100 * caught / max(len(outcomes), 1):.0f} %).")
     return "\n".join(rows)
-
-
-def update_markdown(path: Path, body: str) -> None:
-    begin, end = "<!-- mutants:begin -->", "<!-- mutants:end -->"
-    text = path.read_text() if path.is_file() else ""
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report)
     if args.markdown is not None:
         stamp = datetime.date.today().isoformat()
-        update_markdown(args.markdown, f"Run on {stamp} (`make mutants`, {sys.platform}).\n\n{report}")
+        update_markdown(args.markdown, "mutants", f"Run on {stamp} (`make mutants`, {sys.platform}).\n\n{report}")
     caught = sum(o.status == "caught" for o in outcomes)
     return 0 if caught >= 0.9 * len(outcomes) else 1
 
