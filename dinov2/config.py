@@ -81,6 +81,10 @@ class ArchSpec:
     num_heads: int
     ffn_layer: FfnLayer = "mlp"
 
+    def fill(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with this arch's width, depth, heads and FFN kind wherever they are missing or None."""
+        return {**values, **{f.name: getattr(self, f.name) for f in fields(self) if values.get(f.name) is None}}
+
 
 ARCHS: dict[str, ArchSpec] = {
     "vit_tiny": ArchSpec(192, 12, 3),
@@ -119,8 +123,7 @@ class ModelConfig:
         """A copy with the arch's defaults filled in (``embed_dim``, ``depth``, ``num_heads``, ``ffn_layer``):
         what every reader of the architecture (the model, the FLOP formulas, the memory plan) starts from."""
         spec = ARCHS[self.arch]
-        defaults = ("embed_dim", "depth", "num_heads", "ffn_layer")
-        return dataclasses.replace(self, **{k: getattr(spec, k) for k in defaults if getattr(self, k) is None})
+        return dataclasses.replace(self, **spec.fill({f.name: getattr(self, f.name) for f in fields(spec)}))
 
 
 @dataclass

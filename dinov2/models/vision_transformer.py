@@ -208,11 +208,7 @@ def create_vit(arch: str, **kwargs: Any) -> DinoVisionTransformer:
     arguments override the arch's width, depth, heads or FFN kind and set everything else."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
-    spec = ARCHS[arch]
-    for key in ("embed_dim", "depth", "num_heads", "ffn_layer"):
-        if kwargs.get(key) is None:
-            kwargs[key] = getattr(spec, key)
-    return DinoVisionTransformer(**kwargs)
+    return DinoVisionTransformer(**ARCHS[arch].fill(kwargs))
 
 
 def vit_small(**kwargs: Any) -> DinoVisionTransformer:
