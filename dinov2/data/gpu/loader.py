@@ -98,7 +98,7 @@ class GPUTrainLoader(SamplerPositioned):
     """Endless, resumable training batches from images held in device memory, augmented there.
 
     The counterpart of :class:`~dinov2.data.loader.TrainLoader` (same ``num_skipped``,
-    ``skipped_paths``, ``state_dict``/``load_state_dict``): an :class:`InfiniteSampler` stream (so a
+    ``state_dict``/``load_state_dict``): an :class:`InfiniteSampler` stream (so a
     batch holds the same images as the CPU pipeline's batch at that iteration), iBOT masks drawn on
     the CPU with the CPU path's seeds (in ``mask_workers`` processes when > 0, prefetched), and
     :class:`GPUMultiCrop` on the device. ``images``: ``uint8 (N, H, W, 3)`` or ``(N, 3, H, W)``.
@@ -140,7 +140,6 @@ class GPUTrainLoader(SamplerPositioned):
             return_positions=True,
         )  # fmt: skip
         self.num_skipped = 0
-        self.skipped_paths: set[str] = set()
 
     def _masks(self, start_position: int) -> Iterator[dict[str, Any]]:
         size = self.augment.cfg.global_crops_size
