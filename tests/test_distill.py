@@ -10,7 +10,7 @@ import torch
 from conftest import cifar_small_overrides
 
 from dinov2.config import load_config
-from dinov2.distill.meta_arch import load_teacher
+from dinov2.distill.teacher_load import load_teacher
 from dinov2.distributed.env import DistEnv
 from dinov2.launch.run import train
 from dinov2.train.checkpoint import CheckpointManager

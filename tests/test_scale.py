@@ -320,8 +320,7 @@ def test_distillation_teacher_from_a_run_is_loaded_into_shards(tmp_path):
     whole-network load (the 2-process case: tests/test_distill.py::test_two_process_fsdp_distillation)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from dinov2.distill.meta_arch import load_teacher
-    from dinov2.distill.teacher_load import load_teacher_sharded
+    from dinov2.distill.teacher_load import load_teacher, load_teacher_sharded
     from dinov2.distributed.mesh import build_mesh
 
     run = tmp_path / "teacher"

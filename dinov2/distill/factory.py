@@ -4,7 +4,7 @@ the loop is handed for it.
 ``build`` loads the frozen teacher before the students are made on the meta device: shard by shard over
 the job's mesh when the teacher is a run of ours and the run is sharded
 (:func:`~dinov2.distill.teacher_load.load_teacher_sharded`), otherwise whole on the host
-(:func:`~dinov2.distill.meta_arch.load_teacher`). ``skeleton`` reads no file: the teacher is
+(:func:`~dinov2.distill.teacher_load.load_teacher`). ``skeleton`` reads no file: the teacher is
 ``distill.teacher_model`` with the student's head sizes, which is what the memory plan needs.
 """
 
@@ -14,8 +14,8 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from dinov2.config import Config
-from dinov2.distill.meta_arch import DistillMetaArch, load_teacher, teacher_config
-from dinov2.distill.teacher_load import load_teacher_sharded
+from dinov2.distill.meta_arch import DistillMetaArch, teacher_config
+from dinov2.distill.teacher_load import load_teacher, load_teacher_sharded
 from dinov2.distributed.meta_init import on_meta
 from dinov2.models import build_backbone
 from dinov2.train.meta_arch import Network, build_heads

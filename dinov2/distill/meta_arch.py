@@ -34,14 +34,11 @@ import logging
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from dinov2.config import Config, ConfigError, load_run_config
 from dinov2.distributed.checkpoint_dir import is_checkpoint, newest_checkpoint
-from dinov2.interop import load_pretrained_backbone
 from dinov2.models import build_backbone
-from dinov2.train.checkpoint import CheckpointManager
 from dinov2.train.export import Export
 from dinov2.train.meta_arch import Network, SSLMetaArch, build_heads, ema_update
 
@@ -161,34 +158,3 @@ def find_run_checkpoint(path: Path) -> Path | None:
         if latest is not None:
             return latest
     return None
-
-
-def load_teacher(cfg: Config) -> Network:
-    """The frozen teacher network described by ``cfg.distill`` (see the module docstring)."""
-    source = Path(cfg.distill.teacher_checkpoint)
-    if not str(cfg.distill.teacher_checkpoint) or not source.exists():
-        raise FileNotFoundError(
-            f"distill.teacher_checkpoint='{cfg.distill.teacher_checkpoint}' does not exist "
-            "(give a training run directory, a ckpt_* directory or a backbone weights file)"
-        )
-    teacher_cfg = teacher_config(cfg)
-    run_ckpt = find_run_checkpoint(source) if source.is_dir() else None
-    if run_ckpt is not None:
-        # rebuild the teacher's own training meta-arch (from the run's config.yaml) and restore it
-        teacher_cfg = teacher_run_config(cfg, run_ckpt)
-        donor = SSLMetaArch(teacher_cfg)
-        CheckpointManager(run_ckpt.parent).load(run_ckpt, donor, None, restore_rng=False)
-        logger.info("distillation teacher: backbone and heads from %s", run_ckpt)
-        teacher = donor.teacher
-    else:
-        backbone = load_pretrained_backbone(source, layout=cfg.distill.teacher_format, model_cfg=teacher_cfg.model)
-        generator_state = torch.get_rng_state()
-        torch.manual_seed(cfg.distill.head_seed)
-        heads = build_heads(backbone.embed_dim, cfg.dino_head, cfg.ibot_head)
-        torch.set_rng_state(generator_state)
-        logger.info(
-            "distillation teacher: backbone from %s, heads made (seed %d) and frozen", source, cfg.distill.head_seed
-        )
-        teacher = Network(backbone, heads)
-    teacher.requires_grad_(False)
-    return teacher.eval()
