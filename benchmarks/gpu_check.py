@@ -194,8 +194,8 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
 
     from benchmarks.devices import synchronize
     from benchmarks.throughput import check_optimizer_holds, synthetic_batch
+    from dinov2.distributed.meta_init import local_shard
     from dinov2.launch.run import build_training
-    from dinov2.train.meta_arch import _local
     from dinov2.train.schedules import ScheduleValues
 
     batch_size = cfg.data.batch_size_per_gpu
@@ -208,7 +208,7 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
     model.train()
     blocks = len(model.teacher.backbone.blocks) + sum(len(n.backbone.blocks) for n in model.trained_networks().values())
     ema = model.exported_backbone()  # what the EMA moves: the teacher (the students' EMA when distilling)
-    teacher_before = [_local(p).detach().clone() for p in ema.parameters()]
+    teacher_before = [local_shard(p).detach().clone() for p in ema.parameters()]
 
     def step(i: int):
         return training.step(batches[i], values)
@@ -236,7 +236,8 @@ def check_step(cfg, env, device, steps: int, reference_loss: float | None, eager
         grad_norms.append(float(parts["grad_norm"]))
     end = dynamo_counts()
     moved = max(  # over this rank's shards (some are empty at world size > 1)
-        ((_local(p).detach() - b).abs().max().item() for p, b in zip(ema.parameters(), teacher_before) if b.numel()),
+        ((local_shard(p).detach() - b).abs().max().item() for p, b in zip(ema.parameters(), teacher_before, strict=True)
+         if b.numel()),
         default=0.0,
     )
     result = {
